@@ -1,0 +1,63 @@
+"""Monarch matrices for PyTorch: fast structured layers with a closed-form projection.
+
+The public API, importable from the top level::
+
+    from monarch_matrices import MonarchLinear, monarch_multiply, project
+
+Submodules are layered (``ops`` ← ``nn`` ← higher layers) and loaded lazily,
+so ``import monarch_matrices.ops`` pulls in nothing above it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BlockdiagLinear",
+    "MonarchLinear",
+    "MonarchShape",
+    "Projection",
+    "__version__",
+    "blockdiag_multiply",
+    "blockdiag_to_dense",
+    "monarch_multiply",
+    "monarch_multiply_reference",
+    "monarch_shape",
+    "monarch_to_dense",
+    "project",
+    "project_blockdiag",
+    "project_factors",
+]
+_NN = {"BlockdiagLinear", "MonarchLinear"}  # everything else in __all__ lives in ops
+
+if TYPE_CHECKING:
+    from .nn import BlockdiagLinear, MonarchLinear
+    from .ops import (
+        MonarchShape,
+        Projection,
+        blockdiag_multiply,
+        blockdiag_to_dense,
+        monarch_multiply,
+        monarch_multiply_reference,
+        monarch_shape,
+        monarch_to_dense,
+        project,
+        project_blockdiag,
+        project_factors,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        module = "nn" if name in _NN else "ops"
+        value = getattr(importlib.import_module(f".{module}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,32 @@
+"""Pure tensor functions on Monarch factors: multiply, dense form, projection.
+
+Nothing here depends on ``torch.nn`` modules or on the higher layers of the package.
+"""
+
+from .blockdiag import (
+    BlockdiagProjection,
+    blockdiag_multiply,
+    blockdiag_to_dense,
+    project_blockdiag,
+)
+from .multiply import monarch_multiply, monarch_to_dense
+from .project import Projection, project, project_factors
+from .reference import monarch_multiply_reference
+from .shapes import MonarchShape, check_factors, monarch_shape, slice_channel_counts
+
+__all__ = [
+    "BlockdiagProjection",
+    "MonarchShape",
+    "Projection",
+    "blockdiag_multiply",
+    "blockdiag_to_dense",
+    "check_factors",
+    "monarch_multiply",
+    "monarch_multiply_reference",
+    "monarch_shape",
+    "monarch_to_dense",
+    "project",
+    "project_blockdiag",
+    "project_factors",
+    "slice_channel_counts",
+]
