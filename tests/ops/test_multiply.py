@@ -1,0 +1,164 @@
+"""monarch_multiply and monarch_to_dense against the formula, in every dtype, with gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tests.formula import dense_by_formula, factor_shapes, multiply_by_loops
+
+from monarch_matrices.ops import (
+    monarch_multiply,
+    monarch_multiply_reference,
+    monarch_to_dense,
+)
+
+F64 = torch.float64
+
+
+def _factors(shapes, dtype=F64):
+    (k, q, p), (l, s, r) = shapes
+    return torch.randn(k, q, p, dtype=dtype), torch.randn(l, s, r, dtype=dtype)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shapes=factor_shapes(), batch=st.lists(st.integers(0, 3), max_size=2))
+def test_multiply_matches_dense_and_formula(shapes, batch):
+    w1, w2 = _factors(shapes)
+    k, _, p = w1.shape
+    x = torch.randn(*batch, k * p, dtype=F64)
+    y = monarch_multiply(x, w1, w2)
+    M = dense_by_formula(w1, w2)
+    torch.testing.assert_close(monarch_to_dense(w1, w2), M)
+    torch.testing.assert_close(y, x @ M.T)
+    torch.testing.assert_close(monarch_multiply_reference(x, w1, w2), y)
+    assert y.shape == (*batch, M.shape[0])
+
+
+@settings(max_examples=15, deadline=None)
+@given(shapes=factor_shapes(max_block=3, max_blocks=3))
+def test_multiply_matches_scalar_loops(shapes):
+    w1, w2 = _factors(shapes)
+    x = torch.randn(w1.shape[0] * w1.shape[2], dtype=F64)
+    torch.testing.assert_close(monarch_multiply(x, w1, w2), multiply_by_loops(x, w1, w2))
+
+
+def test_zero_size_batch_forward_and_backward():
+    w1 = torch.randn(3, 4, 2, dtype=F64, requires_grad=True)
+    w2 = torch.randn(2, 5, 6, dtype=F64, requires_grad=True)
+    x = torch.randn(0, 7, 6, dtype=F64, requires_grad=True)
+    y = monarch_multiply(x, w1, w2)
+    assert y.shape == (0, 7, 10)
+    y.sum().backward()
+    assert torch.count_nonzero(w1.grad) == 0 and x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize(
+    ("dtype", "rtol"),
+    [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 4e-3)],
+)
+def test_low_precision_close_to_float64(dtype, rtol):
+    shapes = ((4, 24, 16), (6, 12, 16))
+    w1, w2 = _factors(shapes)
+    x = torch.randn(5, 3, 64, dtype=F64)
+    exact = monarch_multiply(x, w1, w2)
+    y = monarch_multiply(x.to(dtype), w1.to(dtype), w2.to(dtype))
+    assert y.dtype == dtype
+    err = (y.to(F64) - exact).norm() / exact.norm()
+    assert err < rtol
+
+
+def test_complex64_matches_complex128():
+    w1 = torch.randn(3, 4, 5, dtype=torch.complex128)
+    w2 = torch.randn(2, 3, 6, dtype=torch.complex128)
+    x = torch.randn(4, 15, dtype=torch.complex128)
+    exact = x @ dense_by_formula(w1, w2).T
+    torch.testing.assert_close(monarch_multiply(x, w1, w2), exact)
+    y = monarch_multiply(x.to(torch.complex64), w1.to(torch.complex64), w2.to(torch.complex64))
+    torch.testing.assert_close(y.to(torch.complex128), exact, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_gradcheck(dtype):
+    w1 = torch.randn(3, 4, 2, dtype=dtype, requires_grad=True)
+    w2 = torch.randn(2, 5, 6, dtype=dtype, requires_grad=True)
+    x = torch.randn(2, 3, 6, dtype=dtype, requires_grad=True)
+    assert torch.autograd.gradcheck(monarch_multiply, (x, w1, w2))
+    assert torch.autograd.gradgradcheck(monarch_multiply, (x, w1, w2))
+    assert torch.autograd.gradcheck(monarch_to_dense, (w1, w2))
+
+
+def test_gradients_match_dense_autograd():
+    w1 = torch.randn(4, 3, 5, dtype=F64, requires_grad=True)
+    w2 = torch.randn(6, 7, 2, dtype=F64, requires_grad=True)
+    x = torch.randn(9, 20, dtype=F64, requires_grad=True)
+    g = torch.randn(9, 42, dtype=F64)
+    grads = torch.autograd.grad(monarch_multiply(x, w1, w2), (x, w1, w2), g)
+    ref = torch.autograd.grad(x @ dense_by_formula(w1, w2).T, (x, w1, w2), g)
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_respects_requires_grad():
+    w1 = torch.randn(2, 3, 4, requires_grad=True)
+    w2 = torch.randn(3, 5, 2)
+    x = torch.randn(6, 8)
+    monarch_multiply(x, w1, w2).sum().backward()
+    assert w1.grad is not None and w2.grad is None and x.grad is None
+
+
+def test_saves_only_input_middle_activation_and_factors():
+    k, q, p, l, s, r = 4, 6, 5, 3, 7, 8
+    w1 = torch.randn(k, q, p, requires_grad=True)
+    w2 = torch.randn(l, s, r, requires_grad=True)
+    x = torch.randn(10, 11, k * p, requires_grad=True)
+    saved: list[int] = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        monarch_multiply(x, w1, w2)
+    middle = 110 * k * q
+    assert sum(saved) <= x.numel() + w1.numel() + w2.numel() + middle
+
+
+def test_autocast_bfloat16():
+    w1, w2 = torch.randn(4, 8, 8), torch.randn(4, 8, 8)
+    x = torch.randn(16, 32)
+    exact = monarch_multiply(x, w1, w2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = monarch_multiply(x, w1, w2)
+    assert y.dtype == torch.bfloat16
+    assert (y.float() - exact).norm() / exact.norm() < 3e-2
+
+
+@pytest.mark.parametrize(
+    ("args", "exc", "match"),
+    [
+        ((torch.randn(5, 7), torch.randn(2, 3, 4), torch.randn(3, 5, 2)), ValueError, "last dim"),
+        ((torch.randn(5, 8), torch.randn(2, 3, 4), torch.randn(3, 5, 3)), ValueError, "middle"),
+        (
+            (torch.randn(5, 8), torch.randn(8, 8), torch.randn(3, 5, 2)),
+            ValueError,
+            "w1 must be 3-D",
+        ),
+        (
+            (torch.randn(5, 8), torch.randn(2, 3, 4), torch.randn(6, 5)),
+            ValueError,
+            "w2 must be 3-D",
+        ),
+        ((torch.tensor(1.0), torch.randn(2, 3, 4), torch.randn(3, 5, 2)), ValueError, "last dim"),
+        (
+            (torch.randn(5, 8, dtype=F64), torch.randn(2, 3, 4), torch.randn(3, 5, 2)),
+            TypeError,
+            "dtypes differ",
+        ),
+        (([1.0] * 8, torch.randn(2, 3, 4), torch.randn(3, 5, 2)), TypeError, "torch.Tensor"),
+    ],
+)
+def test_bad_input(args, exc, match):
+    with pytest.raises(exc, match=match):
+        monarch_multiply(*args)
