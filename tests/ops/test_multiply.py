@@ -10,9 +10,11 @@ from tests.formula import dense_by_formula, factor_shapes, multiply_by_loops
 
 from monarch_matrices.ops import (
     monarch_multiply,
+    monarch_multiply_bmm,
     monarch_multiply_reference,
     monarch_to_dense,
 )
+from monarch_matrices.ops import multiply as multiply_module
 
 F64 = torch.float64
 
@@ -33,6 +35,7 @@ def test_multiply_matches_dense_and_formula(shapes, batch):
     torch.testing.assert_close(monarch_to_dense(w1, w2), M)
     torch.testing.assert_close(y, x @ M.T)
     torch.testing.assert_close(monarch_multiply_reference(x, w1, w2), y)
+    torch.testing.assert_close(monarch_multiply_bmm(x, w1, w2), y)
     assert y.shape == (*batch, M.shape[0])
 
 
@@ -85,8 +88,51 @@ def test_gradcheck(dtype):
     w2 = torch.randn(2, 5, 6, dtype=dtype, requires_grad=True)
     x = torch.randn(2, 3, 6, dtype=dtype, requires_grad=True)
     assert torch.autograd.gradcheck(monarch_multiply, (x, w1, w2))
-    assert torch.autograd.gradgradcheck(monarch_multiply, (x, w1, w2))
     assert torch.autograd.gradcheck(monarch_to_dense, (w1, w2))
+    # higher order: the plain-ops paths
+    assert torch.autograd.gradgradcheck(monarch_multiply_bmm, (x, w1, w2))
+    assert torch.autograd.gradgradcheck(monarch_multiply_reference, (x, w1, w2))
+    assert torch.autograd.gradgradcheck(monarch_to_dense, (w1, w2))
+
+
+def test_fast_path_refuses_double_backward_clearly():
+    w1 = torch.randn(2, 3, 4, dtype=F64, requires_grad=True)
+    w2 = torch.randn(3, 5, 2, dtype=F64, requires_grad=True)
+    x = torch.randn(4, 8, dtype=F64, requires_grad=True)
+    (g,) = torch.autograd.grad(monarch_multiply(x, w1, w2).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiable"):
+        g.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+@pytest.mark.parametrize("needs", [(1, 1, 1), (1, 0, 0), (0, 1, 0), (0, 0, 1), (0, 1, 1)])
+def test_chunked_path_matches_reference(monkeypatch, dtype, needs):
+    """Force chunks of 3 tokens (uneven tail) and compare values and every gradient."""
+    monkeypatch.setattr(multiply_module, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(multiply_module, "MIN_CHUNK", 3)
+    assert multiply_module.chunk_tokens(10, 4, 4, dtype, torch.device("cpu")) == 3
+    x = torch.randn(2, 5, 20, dtype=dtype)
+    w1, w2 = torch.randn(4, 6, 5, dtype=dtype), torch.randn(3, 7, 8, dtype=dtype)
+    inputs = [t.requires_grad_(bool(n)) for t, n in zip((x, w1, w2), needs)]
+    g = torch.randn(2, 5, 21, dtype=dtype)
+    y = monarch_multiply(*inputs)
+    ref = monarch_multiply_reference(*inputs)
+    torch.testing.assert_close(y, ref)
+    wanted = [t for t in inputs if t.requires_grad]
+    for a, b in zip(torch.autograd.grad(y, wanted, g), torch.autograd.grad(ref, wanted, g)):
+        torch.testing.assert_close(a, b)
+
+
+def test_chunk_size_follows_cache_budget():
+    cpu = torch.device("cpu")
+    chunk = multiply_module.chunk_tokens(8192, 768, 3072, torch.float32, cpu)
+    assert chunk % multiply_module.MIN_CHUNK == 0
+    assert chunk * (768 + 3072) * 4 <= multiply_module.CHUNK_BYTES
+    assert multiply_module.chunk_tokens(8192, 768, 3072, torch.bfloat16, cpu) == 2 * chunk
+    assert multiply_module.chunk_tokens(5, 768, 3072, torch.float32, cpu) == 5
+    assert multiply_module.chunk_tokens(0, 768, 3072, torch.float32, cpu) == 1
+    meta = torch.device("meta")
+    assert multiply_module.chunk_tokens(8192, 768, 3072, torch.float32, meta) == 8192
 
 
 def test_gradients_match_dense_autograd():

@@ -42,6 +42,9 @@ class MonarchLinear(StructuredLinear):
         w2: second factor ``(nblocks, ceil(out/nblocks), q)``, each column scaled so
             that every entry of the composed ``(out, in)`` matrix has variance
             ``1/(3·in)``, the variance of ``nn.Linear``'s ``U(-1/√in, 1/√in)``.
+            (When the middle block ``q`` is smaller than ``nblocks``, as for tiny
+            layers like 10→14 at nblocks=4, some slices get no channel at all:
+            those entries are structurally zero, see ``docs/math.md``.)
         bias: ``(out_features,)``, ``U(-1/√in, 1/√in)`` as in ``nn.Linear``.
 
     Examples::

@@ -9,22 +9,41 @@ from .blockdiag import (
     blockdiag_to_dense,
     project_blockdiag,
 )
+from .factor import factor_mm_star
 from .multiply import monarch_multiply, monarch_to_dense
+from .product import (
+    ProductFactors,
+    adjoint_factors,
+    check_product,
+    mm_star_factors,
+    product_multiply,
+    product_to_dense,
+    product_to_dense_reference,
+)
 from .project import Projection, project, project_factors
-from .reference import monarch_multiply_reference
+from .reference import monarch_multiply_bmm, monarch_multiply_reference
 from .shapes import MonarchShape, check_factors, monarch_shape, slice_channel_counts
 
 __all__ = [
     "BlockdiagProjection",
     "MonarchShape",
+    "ProductFactors",
     "Projection",
+    "adjoint_factors",
     "blockdiag_multiply",
     "blockdiag_to_dense",
     "check_factors",
+    "check_product",
+    "factor_mm_star",
+    "mm_star_factors",
     "monarch_multiply",
+    "monarch_multiply_bmm",
     "monarch_multiply_reference",
     "monarch_shape",
     "monarch_to_dense",
+    "product_multiply",
+    "product_to_dense",
+    "product_to_dense_reference",
     "project",
     "project_blockdiag",
     "project_factors",

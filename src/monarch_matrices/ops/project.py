@@ -124,8 +124,8 @@ def project(
     columns is the truncated SVD of its fixed part — exactly what projecting the
     zero-padded matrix computes (``docs/math.md``).  The optional refinement
     (fill the free entries with the current approximation, re-project; the
-    error never increases) therefore starts at its fixed point; it is kept as a
-    check and for callers who pass their own padded targets.
+    error never increases) therefore starts at its fixed point and stops after
+    one round; it is kept as an executable check of that argument.
 
     Args:
         weight: dense ``(out_features, in_features)`` matrix, real or complex, finite.
