@@ -2,5 +2,6 @@
 
 from .blockdiag import BlockdiagLinear
 from .linear import MonarchLinear
+from .product import MonarchProduct
 
-__all__ = ["BlockdiagLinear", "MonarchLinear"]
+__all__ = ["BlockdiagLinear", "MonarchLinear", "MonarchProduct"]
