@@ -18,32 +18,45 @@ __version__ = "0.1.0"
 __all__ = [
     "BlockdiagLinear",
     "MonarchLinear",
+    "MonarchProduct",
     "MonarchShape",
+    "ProductFactors",
     "Projection",
     "__version__",
     "blockdiag_multiply",
     "blockdiag_to_dense",
+    "factor_mm_star",
+    "mm_star_factors",
     "monarch_multiply",
     "monarch_multiply_reference",
     "monarch_shape",
     "monarch_to_dense",
+    "product_multiply",
+    "product_to_dense",
     "project",
     "project_blockdiag",
     "project_factors",
 ]
-_NN = {"BlockdiagLinear", "MonarchLinear"}  # everything else in __all__ lives in ops
+_NN = {"BlockdiagLinear", "MonarchLinear", "MonarchProduct"}  # the rest of __all__ is in ops
+_SUBMODULES = {"transforms"}  # loaded on first attribute access, like the names above
 
 if TYPE_CHECKING:
-    from .nn import BlockdiagLinear, MonarchLinear
+    from . import transforms as transforms
+    from .nn import BlockdiagLinear, MonarchLinear, MonarchProduct
     from .ops import (
         MonarchShape,
+        ProductFactors,
         Projection,
         blockdiag_multiply,
         blockdiag_to_dense,
+        factor_mm_star,
+        mm_star_factors,
         monarch_multiply,
         monarch_multiply_reference,
         monarch_shape,
         monarch_to_dense,
+        product_multiply,
+        product_to_dense,
         project,
         project_blockdiag,
         project_factors,
@@ -51,6 +64,8 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     if name in __all__:
         module = "nn" if name in _NN else "ops"
         value = getattr(importlib.import_module(f".{module}", __name__), name)
