@@ -19,29 +19,46 @@ __all__ = [
     "BlockdiagLinear",
     "MonarchLinear",
     "MonarchProduct",
+    "MonarchReport",
     "MonarchShape",
+    "MonarchifyConfig",
     "ProductFactors",
     "Projection",
     "__version__",
     "blockdiag_multiply",
     "blockdiag_to_dense",
+    "densify",
     "factor_mm_star",
+    "load_monarch",
     "mm_star_factors",
     "monarch_multiply",
     "monarch_multiply_reference",
     "monarch_shape",
     "monarch_to_dense",
+    "monarchify",
     "product_multiply",
     "product_to_dense",
     "project",
     "project_blockdiag",
     "project_factors",
+    "save_monarch",
 ]
 _NN = {"BlockdiagLinear", "MonarchLinear", "MonarchProduct"}  # the rest of __all__ is in ops
+_CONVERT = {
+    "MonarchReport", "MonarchifyConfig", "densify", "load_monarch", "monarchify", "save_monarch"
+}
 _SUBMODULES = {"transforms"}  # loaded on first attribute access, like the names above
 
 if TYPE_CHECKING:
     from . import transforms as transforms
+    from .convert import (
+        MonarchifyConfig,
+        MonarchReport,
+        densify,
+        load_monarch,
+        monarchify,
+        save_monarch,
+    )
     from .nn import BlockdiagLinear, MonarchLinear, MonarchProduct
     from .ops import (
         MonarchShape,
@@ -67,7 +84,7 @@ def __getattr__(name: str) -> Any:
     if name in _SUBMODULES:
         return importlib.import_module(f".{name}", __name__)
     if name in __all__:
-        module = "nn" if name in _NN else "ops"
+        module = "nn" if name in _NN else "convert" if name in _CONVERT else "ops"
         value = getattr(importlib.import_module(f".{module}", __name__), name)
         globals()[name] = value
         return value
