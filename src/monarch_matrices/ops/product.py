@@ -151,11 +151,18 @@ def _promote_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x
 
 
+def _gather_last(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    # torch.gather with an expanded index: several times faster than index_select
+    # along the last dim for complex tensors on CPU, and differentiable.
+    return torch.gather(x, -1, index.to(x.device).expand(*x.shape[:-1], index.numel()))
+
+
 def _gather_input(x: torch.Tensor, in_index: torch.Tensor) -> torch.Tensor:
     # Entries -1 read an appended zero: pad by one feature and remap -1 to it.
-    n = x.shape[-1]
-    idx = torch.where(in_index < 0, n, in_index).to(x.device)
-    return F.pad(x, (0, 1)).index_select(-1, idx)
+    if bool((in_index < 0).any()):
+        n = x.shape[-1]
+        return _gather_last(F.pad(x, (0, 1)), torch.where(in_index < 0, n, in_index))
+    return _gather_last(x, in_index)
 
 
 def product_multiply(
@@ -195,7 +202,7 @@ def product_multiply(
     for w1, w2 in factors:
         x = monarch_multiply(x, w1, w2)
     if out_index is not None:
-        x = x.index_select(-1, out_index.to(x.device))
+        x = _gather_last(x, out_index)
     return x
 
 
