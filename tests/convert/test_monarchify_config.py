@@ -42,3 +42,16 @@ def test_to_dict_is_json_ready():
     }
     assert MonarchifyConfig(targets=wide).to_dict()["targets"].startswith("<predicate ")
     assert MonarchifyConfig(targets=("mlp",)).targets == ("mlp",)  # lists become tuples
+
+
+def test_a_config_object_drives_monarchify_through_its_fields():
+    import dataclasses
+
+    from torch import nn
+
+    from monarch_matrices.convert import monarchify
+
+    config = MonarchifyConfig(nblocks=2, targets=["1"], min_features=1)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 16))
+    report = monarchify(model, **dataclasses.asdict(config))
+    assert [e.name for e in report.layers] == ["1"] and report.config == config.to_dict()

@@ -143,3 +143,21 @@ def test_meta_models_cannot_be_saved(tmp_path):
     with pytest.raises(ValueError, match="meta device"):
         save_monarch(model, tmp_path / "m")
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_densified_folder_is_an_ordinary_transformers_checkpoint(name, tmp_path):
+    from tests.convert.models import FAMILIES
+
+    family = FAMILIES[name]
+    model = family.build()
+    monarchify(model, targets="all", min_features=16)
+    save_monarch(model, tmp_path / "monarch")
+    dense = densify(load_monarch(tmp_path / "monarch"))
+    save_monarch(dense, tmp_path / "dense")
+    assert read_manifest(tmp_path / "dense")["layers"] == {}
+    reloaded = transformers.AutoModel.from_pretrained(tmp_path / "dense") if name == "bert" else (
+        transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "dense")  # Conv1D layout kept
+    )
+    x = family.inputs(2)
+    torch.testing.assert_close(output(reloaded, x), output(model, x), rtol=1e-4, atol=1e-5)
