@@ -130,6 +130,12 @@ def _fmt_bytes(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
+def _verdict(latency: Any) -> str:
+    if abs(latency.speedup - 1) < 0.03:  # within run-to-run noise on a shared machine
+        return "about the same"
+    return "Monarch faster" if latency.speedup > 1 else "Monarch slower"
+
+
 def _load(source: str | None) -> tuple[Any, Any, str, str]:
     from .convert.hf import DEFAULT_MODEL_ID, ModelLoadError, default_model_path, load_pretrained
 
@@ -264,8 +270,7 @@ def _convert(args: argparse.Namespace) -> int:
     if latency is not None:
         _say(f"CPU latency  batch {measurements['latency']['shape']}, median of {repeats}, "
              f"{latency.threads} threads: dense {latency.dense_median_ms:.1f} ms, Monarch "
-             f"{latency.monarch_median_ms:.1f} ms → {latency.speedup:.2f}× "
-             f"({'faster' if latency.speedup >= 1 else 'slower'})")
+             f"{latency.monarch_median_ms:.1f} ms → {latency.speedup:.2f}× ({_verdict(latency)})")
     if "output_relative_error" in measurements:
         _say(f"output error relative to dense (last hidden state): "
              f"{measurements['output_relative_error']:.4f}")
