@@ -146,7 +146,10 @@ def _output_layer_names(model: nn.Module) -> set[str]:
     names = {n for n, _ in model.named_children() if n in _HEAD_NAMES}
     get = getattr(model, "get_output_embeddings", None)
     if callable(get):
-        out = get()
+        try:
+            out = get()
+        except (NotImplementedError, AttributeError):  # some base classes do not say
+            out = None
         if isinstance(out, nn.Module):
             names |= {n for n, m in model.named_modules() if m is out}
     return names
