@@ -64,7 +64,9 @@ def _nonnegative(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Monarch matrices: convert models' dense layers to Monarch."
+        prog=PROG,
+        description="Monarch matrices: convert models' dense layers to Monarch, "
+        "benchmark the multiply, and train with Monarch layers.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     conv = sub.add_parser(
@@ -115,7 +117,51 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a fast look: latency on batch 4 x 32 tokens, 3 runs")
     conv.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     conv.set_defaults(func=_convert)
+
+    from . import bench
+
+    bench_parser = sub.add_parser(
+        "bench",
+        help="time MonarchLinear against nn.Linear and the reference path",
+        description=bench.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench.add_arguments(bench_parser)
+    bench_parser.set_defaults(func=_bench)
+
+    from .recipes import RECIPES
+
+    train = sub.add_parser(
+        "train",
+        help="run a training recipe (dense vs Monarch)",
+        description="Training recipes for the paper's settings; "
+        "`monarch-matrices train NAME --help` lists a recipe's options.",
+    )
+    recipes = train.add_subparsers(dest="recipe", required=True, metavar="RECIPE")
+    for name, (_, summary) in RECIPES.items():
+        recipe = recipes.add_parser(name, help=summary, description=summary)
+        _recipe_module(name).add_arguments(recipe)
+        recipe.set_defaults(func=_train)
     return parser
+
+
+def _recipe_module(name: str) -> Any:
+    from .recipes import load_recipe
+
+    return load_recipe(name)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    try:
+        return bench.run(args)
+    except ValueError as e:
+        raise _Failure(str(e), EXIT_USAGE) from None
+
+
+def _train(args: argparse.Namespace) -> int:
+    return _recipe_module(args.recipe).run(args)
 
 
 def _split(text: str) -> list[str]:
