@@ -208,3 +208,37 @@ def test_autocast_bfloat16():
 def test_bad_input(args, exc, match):
     with pytest.raises(exc, match=match):
         monarch_multiply(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_fused_bias_values_and_gradients(monkeypatch, dtype):
+    monkeypatch.setattr(multiply_module, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(multiply_module, "MIN_CHUNK", 4)
+    x = torch.randn(3, 5, 12, dtype=dtype, requires_grad=True)
+    w1 = torch.randn(3, 4, 4, dtype=dtype, requires_grad=True)
+    w2 = torch.randn(2, 5, 6, dtype=dtype, requires_grad=True)
+    bias = torch.randn(10, dtype=dtype, requires_grad=True)
+    y = monarch_multiply(x, w1, w2, bias)
+    ref = monarch_multiply_reference(x, w1, w2) + bias
+    torch.testing.assert_close(y, ref)
+    with torch.no_grad():
+        torch.testing.assert_close(monarch_multiply(x, w1, w2, bias), ref)
+    g = torch.randn_like(ref)
+    inputs = (x, w1, w2, bias)
+    for a, b in zip(torch.autograd.grad(y, inputs, g), torch.autograd.grad(ref, inputs, g)):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(lambda b: monarch_multiply(x, w1, w2, b), (bias,))
+
+
+@pytest.mark.parametrize(
+    ("bias", "exc", "match"),
+    [
+        (torch.randn(14), ValueError, r"bias must have shape \(15,\)"),
+        (torch.randn(15, 1), ValueError, "bias must have shape"),
+        ([0.0] * 15, ValueError, "bias must have shape"),
+        (torch.randn(15, dtype=F64), TypeError, "bias is torch.float64"),
+    ],
+)
+def test_bad_bias(bias, exc, match):
+    with pytest.raises(exc, match=match):
+        monarch_multiply(torch.randn(2, 8), torch.randn(2, 3, 4), torch.randn(3, 5, 2), bias)

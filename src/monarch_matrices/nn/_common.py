@@ -14,7 +14,8 @@ class StructuredLinear(nn.Module):
 
     A subclass stores ``in_features``, ``out_features``, ``nblocks`` and a
     ``bias`` (a parameter or ``None``), pads inputs to ``padded_in`` and
-    implements :meth:`_structured_forward` (padded input → padded output) and
+    implements :meth:`_structured_forward` (padded input → padded output, plus the
+    bias when one is passed) and
     :meth:`to_dense`.  This base adds what every such layer offers: the
     ``nn.Linear`` call contract, exact conversion back to ``nn.Linear``, and
     parameter accounting.
@@ -27,7 +28,8 @@ class StructuredLinear(nn.Module):
     padded_out: int
     bias: nn.Parameter | None
 
-    def _structured_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _structured_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Padded input → padded output, plus ``bias`` (padded-output sized) when given."""
         raise NotImplementedError
 
     def to_dense(self) -> torch.Tensor:
@@ -55,19 +57,24 @@ class StructuredLinear(nn.Module):
             bound = 1 / math.sqrt(self.in_features)
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"{type(self).__name__} expects input (*, {self.in_features}), "
                 f"got shape {tuple(x.shape)}"
             )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
         if self.padded_in != self.in_features:
             x = F.pad(x, (0, self.padded_in - self.in_features))
-        y = self._structured_forward(x)
-        if self.padded_out != self.out_features:
+        cut = self.padded_out != self.out_features
+        # a bias the structured op can take is added in its output pass
+        y = self._structured_forward(x, None if cut else self.bias)
+        if cut:
             y = y[..., : self.out_features]
-        if self.bias is not None:
-            y = y + self.bias
+            if self.bias is not None:
+                y = y + self.bias
         return y
 
     @torch.no_grad()

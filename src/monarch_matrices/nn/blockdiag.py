@@ -72,8 +72,9 @@ class BlockdiagLinear(StructuredLinear):
         nn.init.uniform_(self.blocks, -bound, bound)
         self._reset_bias()
 
-    def _structured_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return blockdiag_multiply(x, self.blocks)
+    def _structured_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        y = blockdiag_multiply(x, self.blocks)
+        return y if bias is None else y + bias
 
     def to_dense(self) -> torch.Tensor:
         """The ``(out_features, in_features)`` block-diagonal weight (differentiable)."""

@@ -104,8 +104,8 @@ class MonarchLinear(StructuredLinear):
         self.w2.mul_(bound[:, None, :].to(device=self.w2.device, dtype=self.w2.real.dtype))
         self._reset_bias()
 
-    def _structured_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return monarch_multiply(x, self.w1, self.w2)
+    def _structured_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return monarch_multiply(x, self.w1, self.w2, bias)  # bias fused into the output pass
 
     def to_dense(self) -> torch.Tensor:
         """The ``(out_features, in_features)`` weight ``M`` (differentiable)."""

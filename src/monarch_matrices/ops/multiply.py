@@ -46,32 +46,57 @@ def chunk_tokens(
     return max(1, min(n_tokens, chunk))
 
 
+def _forward_chunks(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    bias: torch.Tensor | None,
+    keep_middle: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """Chunked forward on a 2-D contiguous ``x``: ``(y, middle or None, chunk)``.
+
+    ``middle[b, v, u] = h[b, u·l + v]`` is the permuted middle activation, kept
+    for the whole batch only when asked (backward needs it for ``w2``'s gradient).
+    """
+    k, q, p = w1.shape
+    l, s, r = w2.shape
+    n_tokens = x.shape[0]
+    y = x.new_empty(n_tokens, s * l)
+    chunk = chunk_tokens(n_tokens, k * q, s * l, x.dtype, x.device)
+    mid = x.new_empty(n_tokens if keep_middle else chunk, l, r)
+    h = x.new_empty(chunk, k, q)
+    z = x.new_empty(chunk, l, s)
+    w1t, w2t = w1.transpose(1, 2), w2.transpose(1, 2)
+    bias_sl = None if bias is None else bias.view(s, l)
+    for start in range(0, n_tokens, chunk):
+        n = min(chunk, n_tokens - start)
+        xc = x[start : start + n].view(n, k, p)
+        hc, zc = h[:n], z[:n]
+        mc = mid[start : start + n] if keep_middle else mid[:n]
+        torch.bmm(xc.transpose(0, 1), w1t, out=hc.transpose(0, 1))  # (k, n, q)
+        mc.copy_(hc.view(n, r, l).transpose(1, 2))  # stride permutation, in cache
+        torch.bmm(mc.transpose(0, 1), w2t, out=zc.transpose(0, 1))  # (l, n, s)
+        out = y[start : start + n].view(n, s, l)  # y[b, e·l + v] = z[b, v, e] (+ bias)
+        if bias_sl is None:
+            out.copy_(zc.transpose(1, 2))
+        else:
+            torch.add(zc.transpose(1, 2), bias_sl, out=out)
+    return y, (mid if keep_middle else None), chunk
+
+
 class _MonarchMultiply(torch.autograd.Function):
-    """``y = x Mᵀ`` for a 2-D ``x``; saves ``x`` and the permuted middle activation."""
+    """``y = x Mᵀ (+ bias)`` for a 2-D ``x``; saves ``x`` and the permuted middle activation."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-        k, q, p = w1.shape
-        l, s, r = w2.shape
-        n_tokens = x.shape[0]
-        keep_middle = ctx.needs_input_grad[2]
-        y = x.new_empty(n_tokens, s * l)
-        # middle activation, token-major, already permuted: mid[b, v, u] = h[b, u·l + v]
-        chunk = chunk_tokens(n_tokens, k * q, s * l, x.dtype, x.device)
-        mid = x.new_empty(n_tokens if keep_middle else chunk, l, r)
-        h = x.new_empty(chunk, k, q)
-        z = x.new_empty(chunk, l, s)
-        w1t, w2t = w1.transpose(1, 2), w2.transpose(1, 2)
-        for start in range(0, n_tokens, chunk):
-            n = min(chunk, n_tokens - start)
-            xc = x[start : start + n].view(n, k, p)
-            hc, zc = h[:n], z[:n]
-            mc = mid[start : start + n] if keep_middle else mid[:n]
-            torch.bmm(xc.transpose(0, 1), w1t, out=hc.transpose(0, 1))  # (k, n, q)
-            mc.copy_(hc.view(n, r, l).transpose(1, 2))  # stride permutation, in cache
-            torch.bmm(mc.transpose(0, 1), w2t, out=zc.transpose(0, 1))  # (l, n, s)
-            y[start : start + n].view(n, s, l).copy_(zc.transpose(1, 2))  # y[b, e·l + v]
-        ctx.save_for_backward(x, w1, w2, mid if keep_middle else None)
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        w1: torch.Tensor,
+        w2: torch.Tensor,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        y, mid, chunk = _forward_chunks(x, w1, w2, bias, keep_middle=ctx.needs_input_grad[2])
+        ctx.save_for_backward(x, w1, w2, mid)
         ctx.chunk = chunk
         return y
 
@@ -79,7 +104,7 @@ class _MonarchMultiply(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y: torch.Tensor):
         x, w1, w2, mid = ctx.saved_tensors
-        need_x, need_w1, need_w2 = ctx.needs_input_grad
+        need_x, need_w1, need_w2, need_bias = ctx.needs_input_grad
         k, q, p = w1.shape
         l, s, r = w2.shape
         n_tokens, chunk = x.shape[0], ctx.chunk
@@ -109,16 +134,23 @@ class _MonarchMultiply(torch.autograd.Function):
             if need_x:
                 gxc = grad_x[start : start + n].view(n, k, p).transpose(0, 1)
                 torch.bmm(ghc.transpose(0, 1), w1c, out=gxc)  # (k, n, p)
-        return grad_x, grad_w1, grad_w2
+        grad_bias = grad_y.sum(0) if need_bias else None
+        return grad_x, grad_w1, grad_w2, grad_bias
 
 
-def monarch_multiply(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+def monarch_multiply(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Multiply ``x`` by the Monarch matrix with factors ``w1``, ``w2``: ``y = x @ M.T``.
 
     Args:
         x: ``(*, k·p)``: any number of leading dims, including none or zero-size.
         w1: ``(k, q, p)``: the first block-diagonal factor.
         w2: ``(l, s, r)``: the second block-diagonal factor, with ``k·q = l·r``.
+        bias: optional ``(s·l,)``, added in the pass that writes the output.
 
     Returns:
         ``(*, s·l)``, computed as::
@@ -128,7 +160,8 @@ def monarch_multiply(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> tor
 
     A custom autograd function: it saves only ``x`` and the middle activation
     (the latter only when ``w2`` needs a gradient), skips the gradients nobody
-    asked for, and supports real and complex dtypes.  Under autocast the inputs
+    asked for, and supports real and complex dtypes; without any gradient to
+    track it skips autograd altogether.  Under autocast the inputs
     are cast to the autocast dtype, as for ``nn.Linear``.  It is differentiable
     once; for higher-order derivatives use
     :func:`~monarch_matrices.ops.monarch_multiply_reference`.
@@ -147,21 +180,29 @@ def monarch_multiply(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> tor
             f"x has last dim {tuple(x.shape)[-1:] or '()'} but the Monarch factors expect "
             f"k*p = {k}*{p} = {k * p} input features"
         )
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (s * l,)):
+        shape = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+        raise ValueError(f"bias must have shape ({s * l},) = (s*l,), got {shape}")
     cast = _autocast_dtype(x.device.type)
     if cast is not None and x.is_floating_point() and x.dtype != torch.float64:
         x, w1, w2 = x.to(cast), w1.to(cast), w2.to(cast)
-    elif not (x.dtype == w1.dtype == w2.dtype):
+        bias = None if bias is None else bias.to(cast)
+    elif not (x.dtype == w1.dtype == w2.dtype) or (bias is not None and bias.dtype != x.dtype):
         raise TypeError(
-            f"dtypes differ: x is {x.dtype}, w1 is {w1.dtype}, w2 is {w2.dtype}; "
-            "cast them to one dtype or run under torch.autocast"
+            f"dtypes differ: x is {x.dtype}, w1 is {w1.dtype}, w2 is {w2.dtype}"
+            + ("" if bias is None else f", bias is {bias.dtype}")
+            + "; cast them to one dtype or run under torch.autocast"
         )
     batch_shape = x.shape[:-1]
-    x2 = x.reshape(-1, k * p)
-    if cast is not None:
+    x2 = x.reshape(-1, k * p).contiguous()
+    tensors = (x2, w1, w2) if bias is None else (x2, w1, w2, bias)
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        y = _forward_chunks(x2, w1, w2, bias, keep_middle=False)[0]
+    elif cast is not None:
         with torch.autocast(x.device.type, enabled=False):
-            y = _MonarchMultiply.apply(x2.contiguous(), w1, w2)
+            y = _MonarchMultiply.apply(x2, w1, w2, bias)
     else:
-        y = _MonarchMultiply.apply(x2.contiguous(), w1, w2)
+        y = _MonarchMultiply.apply(x2, w1, w2, bias)
     return y.reshape(*batch_shape, s * l)
 
 
