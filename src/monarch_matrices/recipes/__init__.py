@@ -37,3 +37,7 @@ RECIPES["finetune"] = (
     "monarch_matrices.recipes.finetune",
     "D2S: project all-MiniLM-L6-v2 onto Monarch and fine-tune on tweet sentiment vs dense",
 )
+RECIPES["pde"] = (
+    "monarch_matrices.recipes.pde",
+    "FNO vs Monarch neural operator (learnable DFTs) on Burgers and Navier–Stokes data",
+)
