@@ -9,6 +9,12 @@ from .blockdiag import (
     blockdiag_to_dense,
     project_blockdiag,
 )
+from .calibrate import (
+    CalibratedProjection,
+    calibration_error,
+    check_gram,
+    project_calibrated,
+)
 from .factor import factor_mm_star
 from .multiply import monarch_multiply, monarch_to_dense
 from .product import (
@@ -26,13 +32,16 @@ from .shapes import MonarchShape, check_factors, monarch_shape, slice_channel_co
 
 __all__ = [
     "BlockdiagProjection",
+    "CalibratedProjection",
     "MonarchShape",
     "ProductFactors",
     "Projection",
     "adjoint_factors",
     "blockdiag_multiply",
     "blockdiag_to_dense",
+    "calibration_error",
     "check_factors",
+    "check_gram",
     "check_product",
     "factor_mm_star",
     "mm_star_factors",
@@ -46,6 +55,7 @@ __all__ = [
     "product_to_dense_reference",
     "project",
     "project_blockdiag",
+    "project_calibrated",
     "project_factors",
     "slice_channel_counts",
 ]
