@@ -115,6 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
                       help="timed runs per model, median reported; 0 skips latency (default 7)")
     conv.add_argument("--quick", action="store_true",
                       help="a fast look: latency on batch 4 x 32 tokens, 3 runs")
+    conv.add_argument(
+        "--calibrate", type=_nonnegative, default=0, metavar="N",
+        help="fit each layer to its activations on N calibration texts instead of to its "
+        "weight alone (function-preserving; sequential, layer by layer); 0 = off (default)",
+    )
+    conv.add_argument(
+        "--calibration-data", metavar="FILE",
+        help="calibration texts, one per line (default: the built-in set of 512 sentences, "
+        "disjoint from the fidelity sentences); N of them are drawn with a fixed seed",
+    )
+    conv.add_argument("--calibration-steps", type=_nonnegative, default=10, metavar="S",
+                      help="alternating least-squares rounds per layer (default 10)")
     conv.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     conv.set_defaults(func=_convert)
 
@@ -206,6 +218,24 @@ def _load(source: str | None) -> tuple[Any, Any, str, str]:
     return model, tokenizer, label, base
 
 
+def _calibration_texts(args: argparse.Namespace) -> tuple[list[str], str]:
+    """The texts ``--calibrate N`` uses and a label saying where they came from."""
+    from .convert.calibrate import sample_texts
+    from .convert.calibration_text import CALIBRATION_SENTENCES
+
+    if args.calibration_data is None:
+        return sample_texts(CALIBRATION_SENTENCES, args.calibrate), "built-in sentences"
+    path = Path(args.calibration_data).expanduser()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise _Failure(f"cannot read --calibration-data {str(path)!r}: {e}", EXIT_USAGE) from None
+    texts = sample_texts(lines, args.calibrate)
+    if not texts:
+        raise _Failure(f"--calibration-data {str(path)!r} has no non-empty line", EXIT_USAGE)
+    return texts, str(path)
+
+
 def _convert(args: argparse.Namespace) -> int:
     from .convert import ConversionError, MonarchifyConfig, monarchify, save_monarch
     from .convert.io import WEIGHTS_NAME, atomic_directory, check_writable
@@ -232,6 +262,9 @@ def _convert(args: argparse.Namespace) -> int:
         )
     except (TypeError, ValueError) as e:
         raise _Failure(str(e), EXIT_USAGE) from None
+    if args.calibration_data is not None and not args.calibrate:
+        raise _Failure("--calibration-data needs --calibrate N", EXIT_USAGE)
+    texts, source = _calibration_texts(args) if args.calibrate else ([], "")
     quick = (4, 32, 3)  # batch, tokens, runs: a first look in seconds
     batch, seq, repeats = quick if args.quick else (args.batch_size, args.seq_len, args.repeats)
 
@@ -240,19 +273,34 @@ def _convert(args: argparse.Namespace) -> int:
     model, tokenizer, label, base = _load(args.model)
     _say(f"{PROG} convert: {label} ({type(model).__name__}), nblocks={config.nblocks}, "
          f"targets={args.target_regex or ','.join(targets)}")
+    calibration = None
+    if texts:
+        from .convert.calibrate import text_batches
+
+        if tokenizer is None or getattr(model, "main_input_name", "") != "input_ids":
+            raise _Failure("--calibrate needs a text model with a tokenizer", EXIT_USAGE)
+        if config.init != "project":
+            raise _Failure("--calibrate needs --init project", EXIT_USAGE)
+        calibration = text_batches(tokenizer, texts)
+        tokens = sum(int(b["attention_mask"].sum()) for b in calibration)
+        _say(f"calibration: {len(texts)} texts from {source}, {tokens} tokens, "
+             f"{args.calibration_steps} rounds per layer")
     dense = copy.deepcopy(model)
     size_before = weights_file_size(dense)
+    convert_start = time.perf_counter()
     try:
         report = monarchify(
             model, config.nblocks, targets=config.targets, rank=config.rank, init=config.init,
             min_features=config.min_features, exclude=config.exclude,
-            progress=not args.no_progress,
+            progress=not args.no_progress, calibration=calibration,
+            calibration_steps=args.calibration_steps,
         )
     except ConversionError as e:
         raise _Failure(str(e), EXIT_NOTHING) from None
     except TypeError as e:  # an explicit target that names an unsupported layer type
         raise _Failure(str(e), EXIT_USAGE) from None
     model = report.model
+    convert_s = time.perf_counter() - convert_start
     _say()
     _say(report.table())
     _say()
@@ -260,7 +308,11 @@ def _convert(args: argparse.Namespace) -> int:
     measurements: dict[str, Any] = {
         "params": {"before": report.params_before, "after": report.params_after,
                    "ratio": report.param_ratio},
+        "conversion_s": convert_s,
     }
+    if calibration is not None:
+        measurements["calibration"] = {"texts": len(texts), "source": source,
+                                       "tokens": tokens, "steps": args.calibration_steps}
     latency = fidelity = None
     try:
         inputs = example_inputs(model, batch, seq)
@@ -324,9 +376,11 @@ def _convert(args: argparse.Namespace) -> int:
         _say(f"fidelity     {fidelity.sentences} sentences: cosine mean {fidelity.cosine_mean:.4f}"
              f" (min {fidelity.cosine_min:.4f}); nearest neighbour kept "
              f"{fidelity.nn_agreement:.0%}, top-3 overlap {fidelity.top3_overlap:.0%}")
-        if fidelity.cosine_mean < 0.9:
+        if fidelity.cosine_mean < 0.9 and calibration is None:
             _say("             (projection alone: the paper fine-tunes after projecting; fewer "
                  "targets or blocks keep more)")
+    if calibration is not None:
+        _say(f"conversion   {convert_s:.1f} s with calibration on {len(texts)} texts")
     _say(f"wrote {out}/ in {time.perf_counter() - start:.1f} s")
     return EXIT_OK
 
