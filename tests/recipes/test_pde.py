@@ -70,3 +70,12 @@ def test_out_dir_rules(tmp_path, capsys):
     assert train(tmp_path / "new", *args, "--resume") == 2
     assert train(tmp_path / "bad", "--problem", "burgers", "--modes", "40") == 2
     assert "--modes=40 does not fit" in capsys.readouterr().err
+
+
+def test_one_model_alone(tmp_path, capsys):
+    out = tmp_path / "fno"
+    assert train(out, "--problem", "burgers", "--steps", "2", "--models", "fno") == 0
+    problem = metrics(out)["problems"]["burgers"]
+    assert set(problem["models"]) == {"fno"} and "monarch_vs_fno" not in problem
+    assert train(tmp_path / "x", "--models", "dense") == 2
+    assert "--models 'dense'" in capsys.readouterr().err

@@ -71,3 +71,14 @@ def test_wrong_input_shape_is_named():
     net = NeuralOperator(2, 8, width=2, modes=2, layers=1)
     with pytest.raises(ValueError, match=r"expected input \(B, 8, 8\), got \(2, 8\)"):
         net(torch.zeros(2, 8))
+
+
+def test_monarch_dfts_drop_the_entries_that_only_touch_dropped_frequencies():
+    # dft(128) is w1 (8, 16, 16), w2 (16, 8, 8); 16 kept modes need one w2 row per block
+    # forward, and two w1 columns per block inverse (inputs j·8 + a < 16)
+    t = make_transform(1, 128, 16, "monarch")
+    assert tuple(t.fwd.w1[0].shape) == (8, 16, 16) and tuple(t.fwd.w2[0].shape) == (16, 1, 8)
+    assert tuple(t.inv.w1[0].shape) == (8, 16, 2) and tuple(t.inv.w2[0].shape) == (16, 8, 8)
+    # 2-D rows keep [0, m) and [n - m, n): two w2 rows per block of dft(32)
+    t2 = make_transform(2, 32, 8, "monarch")
+    assert tuple(t2.fwd_rows.w2[0].shape) == (8, 2, 4)

@@ -221,15 +221,19 @@ class Run:
     def train(
         self, name: str, model: nn.Module, optimizer: torch.optim.Optimizer,
         loss_at: Callable[[int], torch.Tensor], evaluate: Callable[[], dict[str, Any]],
+        peak_lr: float | None = None,
     ) -> dict[str, Any]:
         """Train ``model`` for ``--steps`` steps (resuming if the checkpoint has this stage).
 
         ``loss_at(step)`` returns the loss of that step's batch; ``evaluate()`` the
         stage's results, computed once at the end and stored in the checkpoint,
-        so a resumed run reports them without recomputing.  Returns the stage
-        record: ``losses``, ``train_s``, ``result``.
+        so a resumed run reports them without recomputing.  The learning rate
+        warms up to ``peak_lr`` (default ``--lr``; a group may scale it by its
+        ``lr_scale``) and decays by a cosine.  Returns the stage record:
+        ``losses``, ``train_s``, ``result``.
         """
         args = self.args
+        peak = args.lr if peak_lr is None else peak_lr
         record = self.stage(name)
         if record is not None:
             model.load_state_dict(record["model"])
@@ -250,7 +254,7 @@ class Run:
                     self._checkpoint(name, record, model, optimizer)
                     raise StopRequested(name)
                 step = record["step"]
-                lr = learning_rate(step, args.steps, args.lr, warmup=max(1, args.steps // 20))
+                lr = learning_rate(step, args.steps, peak, warmup=max(1, args.steps // 20))
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)
                 start = time.perf_counter()

@@ -159,18 +159,34 @@ def _monarch_dft(
     n: int, *, inverse: bool, keep_out: torch.Tensor | None = None,
     keep_in: torch.Tensor | None = None,
 ) -> MonarchProduct:
-    """``dft(n)`` (complex64) restricted to some outputs or fed by fewer inputs.
+    """``dft(n)`` (complex64) restricted to the outputs ``keep_out`` or the inputs ``keep_in``.
 
-    Cropping is an ``out_index``; reading only ``keep_in`` frequencies rewrites the
-    DFT's input permutation so that every other position reads a zero (``-1``).
+    Only the kept frequencies matter, so the factor entries that produce only
+    dropped outputs (rows of ``w2``) or read only zero inputs (columns of ``w1``)
+    are removed: they would never change the result and never receive a
+    gradient.  The function and its training are those of the full factor;
+    the parameter count and the work are not inflated by dead entries.
     """
-    factors = dft(n, inverse=inverse, dtype=torch.complex64).to_factors()
-    in_index, in_features = factors.in_index, n
+    full = dft(n, inverse=inverse, dtype=torch.complex64).to_factors()
+    ((w1, w2),) = full.factors
+    in_index = full.in_index  # position a·p + j of the first factor reads x[in_index[a·p + j]]
+    in_features, out_index = n, None
     if keep_in is not None:
         lookup = torch.full((n,), -1, dtype=torch.int64)
         lookup[keep_in] = torch.arange(keep_in.numel())
-        in_index, in_features = lookup[in_index], keep_in.numel()
-    return MonarchProduct.from_factors(factors.factors, in_index, keep_out, in_features)
+        k, _, p = w1.shape
+        reads = lookup[in_index].reshape(k, p)  # (block a, column j) -> kept input or -1
+        cols = torch.nonzero((reads >= 0).any(0)).flatten()  # columns some block needs
+        w1, in_index = w1[:, :, cols], reads[:, cols].reshape(-1)
+        in_features = keep_in.numel()
+    if keep_out is not None:
+        l = w2.shape[0]
+        rows = torch.unique(keep_out // l)  # output e·l + v comes from row e of block v
+        position = torch.full((w2.shape[1],), -1, dtype=torch.int64)
+        position[rows] = torch.arange(rows.numel())
+        w2, out_index = w2[:, rows, :], position[keep_out // l] * l + keep_out % l
+    return MonarchProduct.from_factors([(w1.contiguous(), w2.contiguous())], in_index,
+                                       out_index, in_features)
 
 
 def make_transform(dims: int, n: int, modes: int, transform: Transform) -> nn.Module:

@@ -53,7 +53,7 @@ TITLES = {"burgers": "1-D Burgers", "ns": "2-D Navier–Stokes"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_run_arguments(parser, steps=1000, batch_size=20, lr=1e-3)
+    add_run_arguments(parser, steps=500, batch_size=20, lr=1e-3)
     g = parser.add_argument_group("problems")
     g.add_argument("--problem", choices=(*PROBLEMS, "both"), default="both",
                    help="which PDE (default both)")
@@ -73,6 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--modes", type=int, default=None,
                    help="Fourier modes per axis (default 16 for Burgers, 8 for Navier–Stokes)")
     m.add_argument("--layers", type=int, default=4, help="Fourier layers (default 4)")
+    m.add_argument("--models", default="fno,monarch", metavar="LIST",
+                   help="which networks to train, comma-separated (default fno,monarch); e.g. "
+                   "--models fno --steps 2500 gives the FNO the Monarch network's wall time")
     m.add_argument("--monarch-lr-scale", type=float, default=1.0,
                    help="learning rate of the Monarch factors relative to --lr (default 1)")
 
@@ -101,6 +104,8 @@ def _setups(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
                "width": args.width or 20, "modes": args.modes or 8, "dims": 2},
     }
     chosen = PROBLEMS if args.problem == "both" else (args.problem,)
+    if not _models(args):
+        raise RunError(f"--models {args.models!r}: use fno, monarch or both (comma-separated)")
     for name in chosen:
         s = setups[name]
         n = s["data"]["n"]
@@ -114,6 +119,13 @@ def _setups(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             s["data"][key] = getattr(args, f"{key}_samples")
         s["data"]["seed"] = args.seed
     return {name: setups[name] for name in chosen}
+
+
+def _models(args: argparse.Namespace) -> tuple[str, ...]:
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not names or any(m not in MODELS for m in names):
+        return ()
+    return tuple(m for m in MODELS if m in names)
 
 
 def _dataset(run: Run, problem: str, config: dict[str, Any]) -> dict[str, Any]:
@@ -168,7 +180,7 @@ def _main(args: argparse.Namespace) -> int:
                                 "data_seconds": data["seconds"], "models": {}}
             init = None
             predictions = {}
-            for kind in MODELS:
+            for kind in _models(args):
                 torch.manual_seed(args.seed)
                 model = NeuralOperator(dims, n, width=setup["width"], modes=setup["modes"],
                                        layers=args.layers, transform=TRANSFORM_OF[kind])
@@ -205,10 +217,11 @@ def _main(args: argparse.Namespace) -> int:
                 with torch.no_grad():
                     predictions[kind] = model(data["test_x"][:4])
                 _say_model(problem, kind, results[problem]["models"][kind])
-            fno, mon = (results[problem]["models"][k]["test_rel_l2"] for k in MODELS)
-            results[problem]["monarch_vs_fno"] = {
-                "error_ratio": mon / fno, "relative_change_percent": 100 * (mon - fno) / fno,
-                "verdict": "Monarch lower" if mon < fno else "FNO lower"}
+            if len(predictions) == 2:
+                fno, mon = (results[problem]["models"][k]["test_rel_l2"] for k in MODELS)
+                results[problem]["monarch_vs_fno"] = {
+                    "error_ratio": mon / fno, "relative_change_percent": 100 * (mon - fno) / fno,
+                    "verdict": "Monarch lower" if mon < fno else "FNO lower"}
             _plot(run, problem, data, predictions, results[problem])
     except StopRequested:
         print(stop_message("pde", run), flush=True)
@@ -263,40 +276,45 @@ def _plot(run: Run, problem: str, data: dict[str, Any], predictions: dict[str, t
     except ImportError:
         print("  (no PNG: matplotlib is not installed)", flush=True)
         return
-    errs = {k: result["models"][k]["test_rel_l2"] for k in MODELS}
-    label = {k: f"{'FNO' if k == 'fno' else 'Monarch'} (test rel. L2 {errs[k]:.4f})"
-             for k in MODELS}
+    kinds = list(predictions)
+    name = {"fno": "FNO", "monarch": "Monarch"}
+    label = {k: f"{name[k]} (test rel. L2 {result['models'][k]['test_rel_l2']:.4f})"
+             for k in kinds}
+    style = {"fno": ("--", "C0"), "monarch": (":", "C3")}
     x0, truth = data["test_x"][:4].numpy(), data["test_y"][:4].numpy()
-    predictions = {k: v.numpy() for k, v in predictions.items()}
+    pred = {k: v.numpy() for k, v in predictions.items()}
+    setup = f"ν={result['setup']['nu']}, T={result['setup']['t_final']}"
     if problem == "burgers":
-        n = truth.shape[-1]
-        grid = (torch.arange(n) / n).numpy()
-        fig, axes = plt.subplots(1, 3, figsize=(14, 3.6), sharey=False)
-        for i, ax in enumerate(axes):
+        grid = (torch.arange(truth.shape[-1]) / truth.shape[-1]).numpy()
+        fig, axes = plt.subplots(2, 3, figsize=(14, 6), sharex=True,
+                                 gridspec_kw={"height_ratios": [2, 1]})
+        for i in range(3):
+            ax, err = axes[0, i], axes[1, i]
             ax.plot(grid, x0[i], color="0.7", lw=1, label="u(0)")
             ax.plot(grid, truth[i], color="k", lw=2, label="u(T) truth")
-            ax.plot(grid, predictions["fno"][i], "--", color="C0", label=label["fno"])
-            ax.plot(grid, predictions["monarch"][i], ":", color="C3", lw=2,
-                    label=label["monarch"])
-            ax.set_xlabel("x")
+            for k in kinds:
+                ax.plot(grid, pred[k][i], style[k][0], color=style[k][1], lw=2, label=label[k])
+                err.plot(grid, pred[k][i] - truth[i], color=style[k][1], lw=1, label=name[k])
             ax.set_title(f"test sample {i}")
-        axes[0].legend(fontsize=7)
-        fig.suptitle(f"Burgers ν={result['setup']['nu']}, T={result['setup']['t_final']}: "
-                     "prediction vs truth")
+            err.axhline(0, color="k", lw=0.5)
+            err.set_xlabel("x")
+        axes[0, 0].legend(fontsize=7)
+        axes[1, 0].legend(fontsize=7)
+        axes[1, 0].set_ylabel("prediction − truth")
+        fig.suptitle(f"Burgers {setup}: prediction vs truth")
         fig.tight_layout()
         write_png(run.path / "burgers.png", fig)
         return
-    cols = [("ω(0)", x0), ("ω(T) truth", truth), ("FNO", predictions["fno"]),
-            ("Monarch", predictions["monarch"]),
-            ("|FNO − truth|", abs(predictions["fno"] - truth)),
-            ("|Monarch − truth|", abs(predictions["monarch"] - truth))]
-    fig, axes = plt.subplots(2, len(cols), figsize=(2.6 * len(cols), 5.4))
+    cols = [("ω(0)", x0, "field"), ("ω(T) truth", truth, "field")]
+    cols += [(name[k], pred[k], "field") for k in kinds]
+    cols += [(f"|{name[k]} − truth|", abs(pred[k] - truth), "error") for k in kinds]
+    fig, axes = plt.subplots(2, len(cols), figsize=(2.6 * len(cols), 5.4), squeeze=False)
     for row in range(2):
         lim = float(abs(truth[row]).max())
-        elim = float(max(cols[4][1][row].max(), cols[5][1][row].max()))
-        for c, (title, field) in enumerate(cols):
+        elim = max(float(f[row].max()) for _, f, kind in cols if kind == "error")
+        for c, (title, field, kind) in enumerate(cols):
             ax = axes[row, c]
-            if c < 4:
+            if kind == "field":
                 ax.imshow(field[row], cmap="RdBu_r", vmin=-lim, vmax=lim)
             else:
                 ax.imshow(field[row], cmap="magma", vmin=0, vmax=elim)
@@ -304,7 +322,6 @@ def _plot(run: Run, problem: str, data: dict[str, Any], predictions: dict[str, t
             ax.set_yticks([])
             if row == 0:
                 ax.set_title(title, fontsize=9)
-    fig.suptitle(f"Navier–Stokes ν={result['setup']['nu']}, T={result['setup']['t_final']}: "
-                 f"{label['fno']}, {label['monarch']}", fontsize=9)
+    fig.suptitle(f"Navier–Stokes {setup}: " + ", ".join(label[k] for k in kinds), fontsize=9)
     fig.tight_layout()
     write_png(run.path / "navier_stokes.png", fig)
