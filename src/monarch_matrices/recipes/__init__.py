@@ -41,3 +41,7 @@ RECIPES["pde"] = (
     "monarch_matrices.recipes.pde",
     "FNO vs Monarch neural operator (learnable DFTs) on Burgers and Navier–Stokes data",
 )
+RECIPES["mri"] = (
+    "monarch_matrices.recipes.mri",
+    "SENSE vs mSENSE (learnable Monarch DFT) on simulated multi-coil MRI, 2x-4x",
+)
