@@ -99,4 +99,5 @@ def test_output_folder_rules(tmp_path, corpus, capsys):
     assert main([*args, "--force"]) == 2 and "notes.txt" in capsys.readouterr().err
     assert (out / "notes.txt").exists()
     assert main([*args[:3], str(tmp_path / "new"), *args[4:], "--resume"]) == 2
+    assert main([*args, "--resume", "--lr", "0.5"]) == 2 and "lr=" in capsys.readouterr().err
     assert main([*args, "--layers", "dense", "--densify-at", "0.5", "--force"]) == 2

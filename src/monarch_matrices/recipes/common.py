@@ -299,9 +299,21 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_write(path, buffer.getvalue())
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
+# Options a resumed run may change: where and how it runs, not what it computes.
+_RESUMABLE_CHANGES = {"out", "force", "resume", "stop_after", "threads", "no_progress",
+                      "checkpoint_every", "compile", "func", "command", "recipe"}
+
+
+def load_checkpoint(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The checkpoint in ``path``, refused if it was made with options that change the run."""
     # our own file, but it holds plain containers and tensors only: load it safely
-    return torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    now = plain_args(args)
+    for key, saved in ckpt.get("args", {}).items():
+        if key not in _RESUMABLE_CHANGES and key in now and now[key] != saved:
+            raise RunError(f"--resume: {path} was made with {key}={saved!r}, not {now[key]!r}; "
+                           "resume with the same options")
+    return ckpt
 
 
 # ---------------------------------------------------------------- optimization

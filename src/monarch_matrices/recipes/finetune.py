@@ -231,7 +231,7 @@ def _run(args: argparse.Namespace) -> int:
         step, history, train_s = 0, History(), 0.0
         pending = [0.0, 0]  # train loss summed since the last logged point, and count
         if args.resume:
-            ckpt = load_checkpoint(out / CHECKPOINT)
+            ckpt = load_checkpoint(out / CHECKPOINT, args)
             pending = ckpt["pending_loss"]
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])

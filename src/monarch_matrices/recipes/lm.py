@@ -70,8 +70,8 @@ class GPTConfig:
     vocab_size: int
     block_size: int = 128  # context length in characters
     n_layer: int = 4
-    n_head: int = 12  # head size n_embd / n_head = 64
-    n_embd: int = 768  # the width at which Monarch layers pay off on a CPU (docs/results.md)
+    n_head: int = 8  # head size n_embd / n_head = 64
+    n_embd: int = 512  # wide enough for Monarch layers to pay off on a CPU (docs/results.md)
 
 
 class CausalSelfAttention(nn.Module):
@@ -270,7 +270,7 @@ def _run(args: argparse.Namespace) -> int:
         step, history, train_s, switch_info = 0, History(), 0.0, None
         pending = [0.0, 0]  # train loss summed since the last logged point, and count
         if args.resume:
-            ckpt = load_checkpoint(out / CHECKPOINT)
+            ckpt = load_checkpoint(out / CHECKPOINT, args)
             pending = ckpt["pending_loss"]
             if ckpt["phase"] == "dense" and args.layers == "monarch":
                 model, optimizer, _ = densify_training(model, optimizer, new_optimizer)

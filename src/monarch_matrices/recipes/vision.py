@@ -280,7 +280,7 @@ def _run(args: argparse.Namespace) -> int:
         step, history, train_s, switch_info = 0, History(), 0.0, None
         pending = [0.0, 0]  # train loss summed since the last logged point, and count
         if args.resume:
-            ckpt = load_checkpoint(out / CHECKPOINT)
+            ckpt = load_checkpoint(out / CHECKPOINT, args)
             pending = ckpt["pending_loss"]
             if ckpt["phase"] == "dense" and args.layers == "monarch":
                 model, optimizer, _ = densify_training(model, optimizer, new_optimizer)
