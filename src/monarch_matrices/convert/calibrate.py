@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from ..nn import MonarchLinear
 from ..ops import project_calibrated
-from .config import ConversionError, MonarchifyConfig
+from .config import ConversionError
 from .match import dense_features, dense_weight
 
 __all__ = [
@@ -372,7 +372,6 @@ def calibrate_layer(
 def calibrate_layers(
     model: nn.Module,
     built: Sequence[tuple[str, nn.Module, MonarchLinear]],
-    config: MonarchifyConfig,
     batches: Sequence[Any],
     *,
     steps: int,

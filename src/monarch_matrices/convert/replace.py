@@ -286,7 +286,7 @@ def monarchify(
 
         try:
             calibrated = calibrate_layers(
-                model, built, config, batches, steps=calibration_steps,
+                model, built, batches, steps=calibration_steps,
                 damping=calibration_damping, sequential=sequential, match_dense=match_dense,
                 progress=progress,
             )

@@ -57,7 +57,8 @@ class CalibratedProjection(NamedTuple):
     (undamped, 0-d float64 tensors); the relative ones divide by ``‖W X‖_F``.
     ``projection_*`` are the same for the Frobenius projection the solver
     starts from, so ``relative_error <= projection_relative_error`` always.
-    ``history`` is the damped objective ``f_λ`` (relative) after each round.
+    ``history`` is the damped objective ``f_λ / tr(W C_λ Wᵀ)`` at the start and
+    after each round (non-increasing).
     """
 
     w1: torch.Tensor
