@@ -242,3 +242,17 @@ def test_fused_bias_values_and_gradients(monkeypatch, dtype):
 def test_bad_bias(bias, exc, match):
     with pytest.raises(exc, match=match):
         monarch_multiply(torch.randn(2, 8), torch.randn(2, 3, 4), torch.randn(3, 5, 2), bias)
+
+
+@pytest.mark.parametrize("tokens", [1, 64, 65, 300])
+def test_inference_paths_match_reference(monkeypatch, tokens):
+    """No-grad calls take the two-bmm path up to SMALL_BATCH tokens, the chunked kernel above."""
+    monkeypatch.setattr(multiply_module, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(multiply_module, "MIN_CHUNK", 32)
+    x = torch.randn(tokens, 12, dtype=F64)
+    w1, w2 = torch.randn(3, 4, 4, dtype=F64), torch.randn(2, 5, 6, dtype=F64)
+    bias = torch.randn(10, dtype=F64)
+    expected = monarch_multiply_reference(x, w1, w2) + bias
+    torch.testing.assert_close(monarch_multiply(x, w1, w2, bias), expected)
+    with torch.inference_mode():
+        torch.testing.assert_close(monarch_multiply(x, w1, w2, bias), expected)

@@ -21,6 +21,9 @@ __all__ = ["monarch_multiply", "monarch_to_dense"]
 # a half on the 2-core machines this was tuned on; the effect is flat nearby).
 CHUNK_BYTES = 6 * 2**20
 MIN_CHUNK = 64
+# Below this many tokens (inference only) the plain two-bmm path is faster: the
+# chunked kernel's strided GEMM outputs cost more than they save on tiny batches.
+SMALL_BATCH = 64
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -197,7 +200,11 @@ def monarch_multiply(
     x2 = x.reshape(-1, k * p).contiguous()
     tensors = (x2, w1, w2) if bias is None else (x2, w1, w2, bias)
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-        y = _forward_chunks(x2, w1, w2, bias, keep_middle=False)[0]
+        if x2.shape[0] <= SMALL_BATCH:
+            y = monarch_multiply_bmm(x2, w1, w2)
+            y = y if bias is None else y + bias
+        else:
+            y = _forward_chunks(x2, w1, w2, bias, keep_middle=False)[0]
     elif cast is not None:
         with torch.autocast(x.device.type, enabled=False):
             y = _MonarchMultiply.apply(x2, w1, w2, bias)
