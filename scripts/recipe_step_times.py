@@ -11,6 +11,7 @@ ratios (DESIGN §5: only paired ratios count)::
     python scripts/recipe_step_times.py lm --n-embd 512 --n-head 8
     python scripts/recipe_step_times.py vision --model mixer
     python scripts/recipe_step_times.py finetune --repeats 10
+    python scripts/recipe_step_times.py lm --compile            # both models torch.compile'd
 
 Options after the recipe name are the recipe's own (``--out`` is not needed).
 """
@@ -50,8 +51,9 @@ def lm_case(args):
 
 def vision_case(args):
     from monarch_matrices.recipes.data import load_images
-    from monarch_matrices.recipes.vision import build_model
+    from monarch_matrices.recipes.vision import build_model, check_arguments
 
+    check_arguments(args)
     data = load_images(args.data)
     x, y = data.train_x[: args.batch_size], data.train_y[: args.batch_size]
     models = {}
@@ -96,6 +98,8 @@ def main() -> int:
     models, loss_fn, batch = {"lm": lm_case, "vision": vision_case,
                               "finetune": finetune_case}[recipe](args)
     optimizers = {k: make_optimizer(m, args.lr, args.weight_decay) for k, m in models.items()}
+    if args.compile:  # the warm-up steps below compile (not timed)
+        models = {k: torch.compile(m) for k, m in models.items()}
 
     def step(kind: str) -> float:
         model, opt = models[kind], optimizers[kind]
@@ -118,7 +122,8 @@ def main() -> int:
     ratios = [d / m for d, m in zip(times["dense"], times["monarch"])]
     params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"{recipe} ({batch}; bf16={args.bf16}; {torch.get_num_threads()} threads; "
+    print(f"{recipe} ({batch}; bf16={args.bf16}; compile={args.compile}; "
+          f"{torch.get_num_threads()} threads; "
           f"load {load:.2f}; {repeats} paired repeats)")
     for kind in models:
         print(f"  {kind:8s} params {params[kind] / 1e6:7.2f}M  step median "

@@ -72,3 +72,20 @@ def test_an_idx_folder_loads_like_fashion_mnist(tmp_path):
     m = train("vision", tmp_path / "run", "--data", str(tmp_path), "--steps", "3",
               *VISION_TINY)
     assert m["data"]["train"] == 50 and m["config"]["patch_size"] == 6
+
+
+def test_the_learning_rate_default_follows_the_model():
+    import argparse
+
+    from monarch_matrices.recipes.vision import DEFAULT_LR, add_arguments, check_arguments
+
+    def parsed(*argv):
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        args = parser.parse_args(["--out", "x", *argv])
+        check_arguments(args)
+        return args.lr
+
+    assert parsed("--model", "vit") == DEFAULT_LR["vit"] == 1e-3
+    assert parsed("--model", "mixer") == DEFAULT_LR["mixer"] == 2e-3
+    assert parsed("--model", "mixer", "--lr", "5e-4") == 5e-4

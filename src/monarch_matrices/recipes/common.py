@@ -100,9 +100,13 @@ def fraction(text: str) -> float:
 
 
 def add_common_arguments(
-    parser: argparse.ArgumentParser, *, steps: int, batch_size: int, lr: float, eval_every: int
+    parser: argparse.ArgumentParser, *, steps: int, batch_size: int, lr: float | str,
+    eval_every: int,
 ) -> None:
-    """The options every recipe has (each recipe picks its own defaults)."""
+    """The options every recipe has (each recipe picks its own defaults).
+
+    ``lr`` may be a description (a str) when the recipe picks the default itself.
+    """
     g = parser.add_argument_group("run")
     g.add_argument("--out", required=True, metavar="DIR", help="folder for checkpoint, "
                    "metrics.json and curves.png (refused if it holds files, unless --force "
@@ -114,7 +118,8 @@ def add_common_arguments(
                    help=f"optimizer steps (default {steps})")
     g.add_argument("--batch-size", type=positive_int, default=batch_size,
                    help=f"global batch, split over processes (default {batch_size})")
-    g.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr:g})")
+    g.add_argument("--lr", type=float, default=None if isinstance(lr, str) else lr,
+                   help=f"peak learning rate (default {lr if isinstance(lr, str) else f'{lr:g}'})")
     g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay "
                    "(default 0.1; biases and norms are never decayed)")
     g.add_argument("--seed", type=int, default=0, help="seed for init and data order (default 0)")

@@ -132,7 +132,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--eval-samples", type=positive_int, default=1000,
                    help="test texts per evaluation along the way (default 1000; "
                    "the final evaluation uses all)")
-    add_common_arguments(parser, steps=300, batch_size=32, lr=1e-4, eval_every=50)
+    add_common_arguments(parser, steps=300, batch_size=32, lr=3e-4, eval_every=50)
 
 
 # ---------------------------------------------------------------- data
