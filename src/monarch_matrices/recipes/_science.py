@@ -12,17 +12,14 @@ A run trains a few models one after another (*stages*: "burgers/fno",
 - the recipe's cached data set, ``metrics.json`` and PNGs, each written
   atomically.
 
-The helpers mirror those in :mod:`.common` (written at the same time by
-another hand); they live here so that these recipes do not move when that
-module does, and can be merged into it once it settles.
+The pieces every recipe shares (errors, atomic files, the schedule, batch
+order) come from :mod:`.common`; what is here is the stage machinery.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import json
-import math
 import os
 import platform
 import shlex
@@ -36,37 +33,26 @@ from typing import Any
 import torch
 from torch import nn
 
+from .common import (
+    CHECKPOINT,
+    RunError,
+    atomic_write,
+    learning_rate,
+    positive_int,
+    save_checkpoint,
+)
+
 __all__ = [
-    "CHECKPOINT",
     "Run",
-    "RunError",
     "add_run_arguments",
-    "atomic_write",
-    "epoch_batch",
-    "guarded",
-    "learning_rate",
     "load_checkpoint",
     "prepare_run",
-    "save_checkpoint",
-    "write_json",
     "write_png",
 ]
-
-CHECKPOINT = "checkpoint.pt"
 
 # Options that may differ between a run and its --resume without changing any number.
 _COSMETIC = {"out", "force", "resume", "no_progress", "threads", "checkpoint_every",
              "stop_after", "func", "command", "recipe"}
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def add_run_arguments(
@@ -80,86 +66,21 @@ def add_run_arguments(
     g.add_argument("--force", action="store_true", help="replace a previous run in DIR")
     g.add_argument("--resume", action="store_true",
                    help="continue the run whose checkpoint is in DIR (same options)")
-    g.add_argument("--steps", type=_positive_int, default=steps,
+    g.add_argument("--steps", type=positive_int, default=steps,
                    help=f"optimizer steps per trained model: the equal budget (default {steps})")
-    g.add_argument("--batch-size", type=_positive_int, default=batch_size,
+    g.add_argument("--batch-size", type=positive_int, default=batch_size,
                    help=f"training batch (default {batch_size})")
     g.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr:g})")
     g.add_argument("--seed", type=int, default=0, help="seed for data, init and batch order")
-    g.add_argument("--checkpoint-every", type=_positive_int, default=200, metavar="N",
+    g.add_argument("--checkpoint-every", type=positive_int, default=200, metavar="N",
                    help="steps between checkpoints (default 200; also at the end of each model)")
-    g.add_argument("--stop-after", type=_positive_int, default=None, metavar="N",
+    g.add_argument("--stop-after", type=positive_int, default=None, metavar="N",
                    help="stop after N training steps of this invocation, leaving a checkpoint "
                    "to --resume from")
-    g.add_argument("--threads", type=_positive_int, default=1,
+    g.add_argument("--threads", type=positive_int, default=1,
                    help="torch threads (default 1: these tensors are small, and extra threads "
                    "on a busy shared machine slow everything down)")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-
-
-class RunError(Exception):
-    """A run that cannot start as asked: a one-line message and an exit code (2: usage)."""
-
-    code = 2
-
-
-def guarded(recipe: str, body: Callable[[], int]) -> int:
-    """Run ``body``; a :class:`RunError` becomes its message on stderr and its exit code."""
-    try:
-        return body()
-    except RunError as e:
-        print(f"monarch-matrices train {recipe}: error: {e}", file=sys.stderr, flush=True)
-        return e.code
-
-
-def learning_rate(step: int, steps: int, peak: float, warmup: int, floor: float = 0.1) -> float:
-    """Linear warm-up for ``warmup`` steps, then cosine decay to ``floor · peak``.
-
-    >>> learning_rate(0, 100, 1.0, 10), learning_rate(10, 100, 1.0, 10)
-    (0.1, 1.0)
-    """
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
-    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def epoch_batch(step: int, batch: int, n: int, seed: int) -> torch.Tensor:
-    """Rows of the batch of ``step``: epoch after epoch through seeded permutations.
-
-    A pure function of its arguments, so a resumed run sees exactly the batches
-    an uninterrupted one would.
-
-    >>> epoch_batch(0, 3, 4, seed=0).tolist(), epoch_batch(1, 3, 4, seed=0).tolist()
-    ([0, 1, 3], [2, 1, 3])
-    """
-    start, parts, have = step * batch, [], 0
-    while have < batch:
-        epoch, offset = divmod(start + have, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-        parts.append(perm[offset : offset + batch - have])
-        have += parts[-1].numel()
-    return torch.cat(parts)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file renamed over it."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write(path, buffer.getvalue())
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -173,10 +94,6 @@ def command_line() -> str:
     if prog in ("cli.py", "__main__.py", "pytest", "-c"):
         prog = "monarch-matrices"
     return " ".join([prog, *map(shlex.quote, sys.argv[1:])])
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def write_png(path: Path, fig: Any) -> None:

@@ -1,7 +1,7 @@
 """Pieces every training recipe shares: options, seeding, processes, files, schedule, plots.
 
-Kept small on purpose: the loops themselves live in each recipe so they read
-top to bottom.  Nothing here imports matplotlib or transformers at module load.
+The training loop itself is in :mod:`.loop`.  Nothing here imports matplotlib
+or transformers at module load.
 
 Files a run writes into ``--out DIR`` (each one atomically: a temporary file in
 DIR renamed over the old one, so a crash never leaves a half-written file):
@@ -86,7 +86,11 @@ def plain_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def positive_int(text: str) -> int:
-    value = int(text)
+    """argparse type: a whole number >= 1, with a message that says which rule failed."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value

@@ -25,40 +25,27 @@ about the encoder layers, and its dense gradient would cost every run alike.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .common import (
-    CHECKPOINT,
     METRICS,
     PLOT,
     Dist,
-    History,
     RunError,
-    Timer,
     add_common_arguments,
     autocast,
-    command_line,
     count_params,
     epoch_batch,
     guarded,
-    load_checkpoint,
-    make_optimizer,
-    plain_args,
     plot_curves,
     positive_int,
-    prepare_out_dir,
-    save_checkpoint,
     seed_everything,
-    set_learning_rate,
-    setup_distributed,
-    teardown_distributed,
-    wrap_ddp,
     write_json,
 )
+from .loop import Task, run_metrics, session, train
 
 # ---------------------------------------------------------------- the model
 
@@ -202,16 +189,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from .data import load_labelled_text
 
-    dist = setup_distributed(args.batch_size)
-    try:
-        out = prepare_out_dir(args.out, force=args.force, resume=args.resume, dist=dist)
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        start_time = time.perf_counter()
+    with session(args) as (dist, out, start):
         labels = tuple(x.strip() for x in args.labels.split(",") if x.strip())
         data = load_labelled_text(args.data, text_column=args.text_column,
                                   label_column=args.label_column, labels=labels,
@@ -224,133 +204,59 @@ def _run(args: argparse.Namespace) -> int:
         train_ids = tokenize(tokenizer, data.train_texts, args.max_length)
         test_ids = tokenize(tokenizer, data.test_texts, args.max_length)
 
-        def new_optimizer(m: nn.Module, fresh: set[int] = frozenset()):
-            return make_optimizer(m, args.lr, args.weight_decay, fresh)
-
-        optimizer = new_optimizer(model)
-        step, history, train_s = 0, History(), 0.0
-        pending = [0.0, 0]  # train loss summed since the last logged point, and count
-        if args.resume:
-            ckpt = load_checkpoint(out / CHECKPOINT, args)
-            pending = ckpt["pending_loss"]
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            step, train_s, history = ckpt["step"], ckpt["train_s"], History.from_dict(
-                ckpt["history"])
-
-        train_model = wrap_ddp(model, dist)
-        if args.compile:
-            train_model = torch.compile(train_model)
-        timer, tokens = Timer(), 0
-        stop = args.steps if args.stop_after is None else min(args.steps, step + args.stop_after)
-        name = args.layers + (f" ({args.init})" if args.layers == "monarch" else "")
-        bar = tqdm(total=args.steps, initial=step, desc=f"finetune {name}", unit="step",
-                   disable=args.no_progress or not dist.main, dynamic_ncols=True)
-        ckpt_every = args.checkpoint_every or args.eval_every
-        loss_sum, loss_n = pending if dist.main else (0.0, 0)
-        eval_ids, eval_y = test_ids[: args.eval_samples], data.test_labels[: args.eval_samples]
-
-        def checkpoint() -> None:
-            pending = dist.sum(loss_sum, loss_n)  # a partial train-loss bucket, all processes
-            if dist.main:
-                save_checkpoint(out / CHECKPOINT, {
-                    "pending_loss": pending,
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "step": step, "train_s": train_s + timer.train_s,
-                    "history": history.to_dict(), "args": plain_args(args)})
-            dist.barrier()
-
-        while step < stop:
-            set_learning_rate(optimizer, step, args)
+        def batch(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             rows = epoch_batch(step, args.batch_size, len(train_ids), args.seed)
             rows = rows[dist.shard(args.batch_size)]
             input_ids, mask = collate([train_ids[r] for r in rows], pad_id)
-            y = data.train_labels[rows].to(dist.device)
-            # dropout draws from the global generator: seed it per step (and process) so a
-            # resumed run draws what an uninterrupted one would
-            torch.manual_seed((args.seed * 1_000_003 + step) * dist.world + dist.rank)
-            with timer.step():
-                with autocast(args.bf16, dist.device):
-                    logits = train_model(input_ids.to(dist.device), mask.to(dist.device))
-                    loss = F.cross_entropy(logits.float(), y)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            tokens += int(mask.sum())
-            step += 1
-            loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
-            bar.update(1)
+            return (input_ids.to(dist.device), mask.to(dist.device),
+                    data.train_labels[rows].to(dist.device))
 
-            if step % 10 == 0 or step == args.steps:
-                total, n = dist.sum(loss_sum, loss_n)
-                history.add("train loss", step, total / n)
-                loss_sum, loss_n = 0.0, 0
-                bar.set_postfix(loss=f"{total / n:.3f}")
-            if step % args.eval_every == 0 and step < args.steps:
-                test_loss, acc = evaluate(model, eval_ids, eval_y, pad_id, args, dist)
-                history.add("test loss", step, test_loss)
-                history.add("test accuracy", step, acc)
-                bar.set_postfix(loss=f"{history.last('train loss'):.3f}", acc=f"{acc:.1f}")
-            if step == args.steps:  # the final figure: the whole test split
-                test_loss, acc = evaluate(model, test_ids, data.test_labels, pad_id, args, dist)
-                history.add("test loss", step, test_loss)
-                history.add("test accuracy", step, acc)
-            if step % ckpt_every == 0 or step == stop:
-                checkpoint()
-        bar.close()
+        def test(m: nn.Module, final: bool) -> dict[str, float]:
+            n = len(test_ids) if final else args.eval_samples  # the final figure: all of it
+            loss, acc = evaluate(m, test_ids[:n], data.test_labels[:n], pad_id, args, dist)
+            return {"test loss": loss, "test accuracy": acc}
 
-        finished = step >= args.steps
-        train_s += timer.train_s
+        name = args.layers + (f" ({args.init})" if args.layers == "monarch" else "")
+        task = Task(name=f"finetune {name}", batch=batch, evaluate=test,
+                    show={"test accuracy": "acc"},
+                    loss=lambda m, b: F.cross_entropy(m(b[0], b[1]).float(), b[2]),
+                    count=lambda b: int(b[1].sum()))
+        done = train(task, model, args, dist, out)
+
         if dist.main:
-            acc = history.last("test accuracy") if finished else None
-            loss = history.last("test loss") if finished else None
+            acc = done.history.last("test accuracy") if done.finished else None
+            loss = done.history.last("test loss") if done.finished else None
             majority = 100 * max(float((data.test_labels == k).float().mean())
                                  for k in range(len(labels)))
-            samples_per_s = args.batch_size * len(timer.step_times) / max(timer.train_s, 1e-9)
             conversion = None if report is None else {
                 "init": args.init, "nblocks": args.nblocks, "targets": args.targets,
                 "layers": len(report.layers), "param_ratio": report.param_ratio,
                 "linear_flops_ratio": report.linear_flops_after / report.linear_flops_before,
                 "mean_projection_error": report.mean_projection_error,
             }
-            metrics = {
-                "recipe": "finetune",
-                "finished": finished,
-                "command": command_line("finetune", args, add_arguments),
-                "options": plain_args(args),
-                "model": model_label,
-                "layers": args.layers,
-                "conversion": conversion,
-                "data": {"source": data.source, "labels": list(labels),
-                         "train": len(train_ids), "test": len(test_ids),
-                         "majority_class_test_accuracy": majority},
-                "steps": step,
-                "final": {"test_accuracy": acc, "test_loss": loss},
-                "wall_time_s": time.perf_counter() - start_time,
-                "train_time_s": train_s,
-                "samples_per_s": samples_per_s,
-                "tokens_per_s": dist.world * tokens / max(timer.train_s, 1e-9),
-                "step_time_median_s": timer.median_step_s(),
-                "params": count_params(model),
-                "params_trained": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                "processes": dist.world,
-                "threads": torch.get_num_threads(),
-                "bf16": args.bf16,
-                "compile": args.compile,
-                "seed": args.seed,
-                "history": history.to_dict(),
-            }
+            metrics = run_metrics(
+                "finetune", args, add_arguments, done, dist, start,
+                model=model_label,
+                layers=args.layers,
+                conversion=conversion,
+                data={"source": data.source, "labels": list(labels),
+                      "train": len(train_ids), "test": len(test_ids),
+                      "majority_class_test_accuracy": majority},
+                final={"test_accuracy": acc, "test_loss": loss},
+                samples_per_s=done.per_second(args.batch_size),
+                tokens_per_s=dist.world * done.counted / max(done.timer.train_s, 1e-9),
+                params=count_params(model),
+                params_trained=sum(p.numel() for p in model.parameters() if p.requires_grad),
+            )
             write_json(out / METRICS, metrics)
-            plot_curves(history, out / PLOT, title=f"finetune {name}: {model_label} on "
+            plot_curves(done.history, out / PLOT, title=f"finetune {name}: {model_label} on "
                         f"{data.source}", panels=[["train loss", "test loss"], ["test accuracy"]],
                         ylabels=["cross-entropy", "accuracy (%)"])
-            if finished:
+            if done.finished:
                 print(f"finetune {name}: test accuracy {acc:.2f}% (majority class {majority:.1f}%)"
-                      f" after {step} steps; {samples_per_s:.1f} texts/s; wrote {out}/",
-                      flush=True)
+                      f" after {done.step} steps; {metrics['samples_per_s']:.1f} texts/s; "
+                      f"wrote {out}/", flush=True)
             else:
-                print(f"finetune {name}: stopped at step {step}; --resume to continue", flush=True)
-        return 0
-    finally:
-        teardown_distributed(dist)
+                print(f"finetune {name}: stopped at step {done.step}; --resume to continue",
+                      flush=True)
+    return 0

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -33,34 +32,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import (
-    CHECKPOINT,
     METRICS,
     PLOT,
     Dist,
-    History,
     RunError,
-    Timer,
     add_common_arguments,
     autocast,
-    command_line,
     count_params,
     fraction,
     guarded,
-    load_checkpoint,
-    make_optimizer,
-    plain_args,
     plot_curves,
     positive_int,
-    prepare_out_dir,
-    save_checkpoint,
     seed_everything,
-    set_learning_rate,
-    setup_distributed,
-    teardown_distributed,
-    wrap_ddp,
     write_json,
 )
-from .layers import LAYER_KINDS, densify_training, make_linear, switch_to_dense
+from .layers import LAYER_KINDS, make_linear
+from .loop import Task, run_metrics, session, train
 
 # ---------------------------------------------------------------- the model
 
@@ -238,18 +225,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from .data import CharTokenizer, load_text
 
     check_arguments(args)
-    dist = setup_distributed(args.batch_size)
-    try:
-        out = prepare_out_dir(args.out, force=args.force, resume=args.resume, dist=dist)
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        start_time = time.perf_counter()
-
+    with session(args) as (dist, out, start):
         text, source = load_text(args.data)
         tok = CharTokenizer.from_text(text)
         data = tok.encode(text).to(torch.int32)
@@ -261,129 +240,48 @@ def _run(args: argparse.Namespace) -> int:
         seed_everything(args.seed)
         model = build_model(args, tok.vocab_size, args.layers).to(dist.device)
         params_start = count_params(model)
-        switch = None if args.densify_at is None else round(args.densify_at * args.steps)
 
-        def new_optimizer(m: nn.Module, fresh: set[int] = frozenset()):
-            return make_optimizer(m, args.lr, args.weight_decay, fresh)
-
-        optimizer = new_optimizer(model)
-        step, history, train_s, switch_info = 0, History(), 0.0, None
-        pending = [0.0, 0]  # train loss summed since the last logged point, and count
-        if args.resume:
-            ckpt = load_checkpoint(out / CHECKPOINT, args)
-            pending = ckpt["pending_loss"]
-            if ckpt["phase"] == "dense" and args.layers == "monarch":
-                model, optimizer, _ = densify_training(model, optimizer, new_optimizer)
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            step, train_s = ckpt["step"], ckpt["train_s"]
-            history, switch_info = History.from_dict(ckpt["history"]), ckpt["switch"]
-
-        def trainable(m: nn.Module) -> nn.Module:
-            m = wrap_ddp(m, dist)
-            return torch.compile(m) if args.compile else m
-
-        train_model = trainable(model)
-        timer, tokens_per_step = Timer(), args.batch_size * args.block_size
-        stop = args.steps if args.stop_after is None else min(args.steps, step + args.stop_after)
-        bar = tqdm(total=args.steps, initial=step, desc=f"lm {args.layers}", unit="step",
-                   disable=args.no_progress or not dist.main, dynamic_ncols=True)
-        ckpt_every = args.checkpoint_every or args.eval_every
-        loss_sum, loss_n = pending if dist.main else (0.0, 0)
-
-        def checkpoint() -> None:
-            pending = dist.sum(loss_sum, loss_n)  # a partial train-loss bucket, all processes
-            if dist.main:
-                save_checkpoint(out / CHECKPOINT, {
-                    "pending_loss": pending,
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "step": step, "train_s": train_s + timer.train_s,
-                    "history": history.to_dict(), "switch": switch_info,
-                    "phase": "dense" if switch_info else args.layers, "args": plain_args(args)})
-            dist.barrier()
-
-        while step < stop:
-            if step == switch and switch_info is None:  # S2D: dense layers from here on
-                probe = train_batch(train_data, args, step, dist)[0].to(dist.device)
-                model, optimizer, switch_info = switch_to_dense(
-                    model, optimizer, new_optimizer, lambda m, x=probe: m(x), step)
-                train_model = trainable(model)
-                if dist.main:
-                    bar.write(f"step {step}: densified {switch_info['layers']} Monarch layers "
-                              f"(max logit change {switch_info['max_abs_output_change']:.1e})")
-            set_learning_rate(optimizer, step, args, switch_info)
-
+        def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
             x, y = train_batch(train_data, args, step, dist)
-            with timer.step():
-                with autocast(args.bf16, dist.device):
-                    loss = train_model(x.to(dist.device), y.to(dist.device))
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            step += 1
-            loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
-            bar.update(1)
+            return x.to(dist.device), y.to(dist.device)
 
-            if step % 10 == 0 or step == args.steps:
-                total, n = dist.sum(loss_sum, loss_n)
-                history.add("train loss", step, total / n)
-                loss_sum, loss_n = 0.0, 0
-                bar.set_postfix(loss=f"{total / n:.3f}")
-            if step % args.eval_every == 0 or step == args.steps:
-                val = evaluate(model, val_data, args, dist)
-                history.add("val loss", step, val)
-                bar.set_postfix(loss=f"{history.last('train loss'):.3f}", val=f"{val:.3f}")
-            if step % ckpt_every == 0 or step == stop:
-                checkpoint()
-        bar.close()
+        task = Task(
+            name=f"lm {args.layers}", batch=batch, loss=lambda m, b: m(*b),
+            evaluate=lambda m, final: {"val loss": evaluate(m, val_data, args, dist)},
+            show={"val loss": "val"})
+        done = train(task, model, args, dist, out)
 
-        finished = step >= args.steps
-        train_s += timer.train_s
         if dist.main:
-            label = args.layers + (f" → dense at {args.densify_at:g}" if switch else "")
-            val_loss = history.last("val loss") if "val loss" in history.series else None
-            metrics = {
-                "recipe": "lm",
-                "finished": finished,
-                "command": command_line("lm", args, add_arguments),
-                "options": plain_args(args),
-                "layers": args.layers,
-                "nblocks": args.nblocks if args.layers == "monarch" else None,
-                "lowrank": args.lowrank or None,
-                "densify_at": args.densify_at,
-                "densified": switch_info,
-                "model": asdict(model.cfg),
-                "data": {"source": source, "train_chars": len(train_data),
-                         "val_chars": len(val_data), "vocab_size": tok.vocab_size},
-                "steps": step,
-                "final": {"val_loss": val_loss,
-                          "val_perplexity": math.exp(val_loss) if val_loss else None},
-                "wall_time_s": time.perf_counter() - start_time,
-                "train_time_s": train_s,
-                "tokens_per_s": tokens_per_step * len(timer.step_times) / max(timer.train_s, 1e-9),
-                "step_time_median_s": timer.median_step_s(),
-                "tokens_per_step": tokens_per_step,
-                "params": params_start,
-                "params_final": count_params(model),
-                "processes": dist.world,
-                "threads": torch.get_num_threads(),
-                "bf16": args.bf16,
-                "compile": args.compile,
-                "seed": args.seed,
-                "history": history.to_dict(),
-            }
+            label = args.layers + (f" → dense at {args.densify_at:g}" if done.switch else "")
+            val_loss = done.history.last("val loss") if "val loss" in done.history.series else None
+            tokens_per_step = args.batch_size * args.block_size
+            metrics = run_metrics(
+                "lm", args, add_arguments, done, dist, start,
+                layers=args.layers,
+                nblocks=args.nblocks if args.layers == "monarch" else None,
+                lowrank=args.lowrank or None,
+                densify_at=args.densify_at,
+                densified=done.switch,
+                model=asdict(done.model.cfg),
+                data={"source": source, "train_chars": len(train_data),
+                      "val_chars": len(val_data), "vocab_size": tok.vocab_size},
+                final={"val_loss": val_loss,
+                       "val_perplexity": math.exp(val_loss) if val_loss else None},
+                tokens_per_s=done.per_second(tokens_per_step),
+                tokens_per_step=tokens_per_step,
+                params=params_start,
+                params_final=count_params(done.model),
+            )
             write_json(out / METRICS, metrics)
-            marks = {"densify": switch_info["step"]} if switch_info else None
-            plot_curves(history, out / PLOT, title=f"lm ({label}): {source}",
+            marks = {"densify": done.switch["step"]} if done.switch else None
+            plot_curves(done.history, out / PLOT, title=f"lm ({label}): {source}",
                         panels=[["train loss", "val loss"]], ylabels=["loss (nats/char)"],
                         marks=marks)
-            if not finished:
-                print(f"lm {label}: stopped at step {step}; --resume to continue", flush=True)
+            if not done.finished:
+                print(f"lm {label}: stopped at step {done.step}; --resume to continue",
+                      flush=True)
             elif val_loss is not None:
                 print(f"lm {label}: val loss {val_loss:.4f} (perplexity {math.exp(val_loss):.2f})"
-                      f" after {step} steps; {metrics['tokens_per_s']:.0f} tokens/s; "
+                      f" after {done.step} steps; {metrics['tokens_per_s']:.0f} tokens/s; "
                       f"wrote {out}/", flush=True)
-        return 0
-    finally:
-        teardown_distributed(dist)
+    return 0

@@ -35,16 +35,18 @@ from torch import nn
 
 from ._science import (
     Run,
-    RunError,
     StopRequested,
     add_run_arguments,
     environment,
-    epoch_batch,
-    guarded,
     prepare_run,
     stop_message,
-    write_json,
     write_png,
+)
+from .common import (
+    RunError,
+    epoch_batch,
+    guarded,
+    write_json,
 )
 
 FILES = ("metrics.json", "mri.png")

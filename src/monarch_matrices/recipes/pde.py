@@ -30,18 +30,20 @@ import torch
 
 from ._science import (
     Run,
-    RunError,
     StopRequested,
     add_run_arguments,
     environment,
-    epoch_batch,
-    guarded,
     load_checkpoint,
     prepare_run,
-    save_checkpoint,
     stop_message,
-    write_json,
     write_png,
+)
+from .common import (
+    RunError,
+    epoch_batch,
+    guarded,
+    save_checkpoint,
+    write_json,
 )
 
 PROBLEMS = ("burgers", "ns")

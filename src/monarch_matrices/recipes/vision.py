@@ -23,7 +23,6 @@ end; the first ``--eval-samples`` of it for the curve along the way).
 from __future__ import annotations
 
 import argparse
-import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -31,35 +30,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import (
-    CHECKPOINT,
     METRICS,
     PLOT,
     Dist,
-    History,
     RunError,
-    Timer,
     add_common_arguments,
     autocast,
-    command_line,
     count_params,
     epoch_batch,
     fraction,
     guarded,
-    load_checkpoint,
-    make_optimizer,
-    plain_args,
     plot_curves,
     positive_int,
-    prepare_out_dir,
-    save_checkpoint,
     seed_everything,
-    set_learning_rate,
-    setup_distributed,
-    teardown_distributed,
-    wrap_ddp,
     write_json,
 )
-from .layers import LAYER_KINDS, densify_training, make_linear, switch_to_dense
+from .layers import LAYER_KINDS, make_linear
+from .loop import Task, run_metrics, session, train
 
 MODELS = ("vit", "mixer")
 # Peak learning rates, one per architecture, chosen for the dense baseline
@@ -262,157 +249,60 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from .data import load_images
 
     check_arguments(args)
-    dist = setup_distributed(args.batch_size)
-    try:
-        out = prepare_out_dir(args.out, force=args.force, resume=args.resume, dist=dist)
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        start_time = time.perf_counter()
+    with session(args) as (dist, out, start):
         data = load_images(args.data)
-
         seed_everything(args.seed)
         model = build_model(args, data.image_size, data.num_classes).to(dist.device)
         params_start = count_params(model)
-        switch = None if args.densify_at is None else round(args.densify_at * args.steps)
 
-        def new_optimizer(m: nn.Module, fresh: set[int] = frozenset()):
-            return make_optimizer(m, args.lr, args.weight_decay, fresh)
-
-        optimizer = new_optimizer(model)
-        step, history, train_s, switch_info = 0, History(), 0.0, None
-        pending = [0.0, 0]  # train loss summed since the last logged point, and count
-        if args.resume:
-            ckpt = load_checkpoint(out / CHECKPOINT, args)
-            pending = ckpt["pending_loss"]
-            if ckpt["phase"] == "dense" and args.layers == "monarch":
-                model, optimizer, _ = densify_training(model, optimizer, new_optimizer)
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            step, train_s = ckpt["step"], ckpt["train_s"]
-            history, switch_info = History.from_dict(ckpt["history"]), ckpt["switch"]
-
-        def trainable(m: nn.Module) -> nn.Module:
-            m = wrap_ddp(m, dist)
-            return torch.compile(m) if args.compile else m
-
-        def get_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
             rows = epoch_batch(step, args.batch_size, len(data.train_y), args.seed)
             rows = torch.tensor(rows[dist.shard(args.batch_size)])
             return data.train_x[rows].to(dist.device), data.train_y[rows].to(dist.device)
 
-        train_model = trainable(model)
-        timer = Timer()
-        stop = args.steps if args.stop_after is None else min(args.steps, step + args.stop_after)
+        def test(m: nn.Module, final: bool) -> dict[str, float]:
+            n = len(data.test_y) if final else args.eval_samples  # the final figure: all of it
+            loss, acc = evaluate(m, data.test_x[:n], data.test_y[:n], args, dist)
+            return {"test loss": loss, "test accuracy": acc}
+
         name = f"{args.model} {args.layers}"
-        bar = tqdm(total=args.steps, initial=step, desc=name, unit="step",
-                   disable=args.no_progress or not dist.main, dynamic_ncols=True)
-        ckpt_every = args.checkpoint_every or args.eval_every
-        loss_sum, loss_n = pending if dist.main else (0.0, 0)
-        eval_x, eval_y = data.test_x[: args.eval_samples], data.test_y[: args.eval_samples]
+        task = Task(name=name, batch=batch, evaluate=test, show={"test accuracy": "acc"},
+                    loss=lambda m, b: F.cross_entropy(m(b[0]).float(), b[1]))
+        done = train(task, model, args, dist, out)
 
-        def checkpoint() -> None:
-            pending = dist.sum(loss_sum, loss_n)  # a partial train-loss bucket, all processes
-            if dist.main:
-                save_checkpoint(out / CHECKPOINT, {
-                    "pending_loss": pending,
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "step": step, "train_s": train_s + timer.train_s,
-                    "history": history.to_dict(), "switch": switch_info,
-                    "phase": "dense" if switch_info else args.layers, "args": plain_args(args)})
-            dist.barrier()
-
-        while step < stop:
-            if step == switch and switch_info is None:  # S2D: dense layers from here on
-                probe = get_batch(step)[0]
-                model, optimizer, switch_info = switch_to_dense(
-                    model, optimizer, new_optimizer, lambda m, x=probe: m(x), step)
-                train_model = trainable(model)
-                if dist.main:
-                    bar.write(f"step {step}: densified {switch_info['layers']} Monarch layers "
-                              f"(max logit change {switch_info['max_abs_output_change']:.1e})")
-            set_learning_rate(optimizer, step, args, switch_info)
-
-            x, y = get_batch(step)
-            with timer.step():
-                with autocast(args.bf16, dist.device):
-                    loss = F.cross_entropy(train_model(x).float(), y)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            step += 1
-            loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
-            bar.update(1)
-
-            if step % 10 == 0 or step == args.steps:
-                total, n = dist.sum(loss_sum, loss_n)
-                history.add("train loss", step, total / n)
-                loss_sum, loss_n = 0.0, 0
-                bar.set_postfix(loss=f"{total / n:.3f}")
-            if step % args.eval_every == 0 and step < args.steps:
-                test_loss, acc = evaluate(model, eval_x, eval_y, args, dist)
-                history.add("test loss", step, test_loss)
-                history.add("test accuracy", step, acc)
-                bar.set_postfix(loss=f"{history.last('train loss'):.3f}", acc=f"{acc:.1f}")
-            if step == args.steps:  # the final figure: the whole test split
-                test_loss, acc = evaluate(model, data.test_x, data.test_y, args, dist)
-                history.add("test loss", step, test_loss)
-                history.add("test accuracy", step, acc)
-            if step % ckpt_every == 0 or step == stop:
-                checkpoint()
-        bar.close()
-
-        finished = step >= args.steps
-        train_s += timer.train_s
         if dist.main:
-            label = f"{name}" + (f" → dense at {args.densify_at:g}" if switch else "")
-            acc = history.last("test accuracy") if finished else None
-            loss = history.last("test loss") if finished else None
-            samples_per_s = args.batch_size * len(timer.step_times) / max(timer.train_s, 1e-9)
-            metrics = {
-                "recipe": "vision",
-                "finished": finished,
-                "command": command_line("vision", args, add_arguments),
-                "options": plain_args(args),
-                "model": args.model,
-                "layers": args.layers,
-                "nblocks": args.nblocks if args.layers == "monarch" else None,
-                "lowrank": args.lowrank or None,
-                "densify_at": args.densify_at,
-                "densified": switch_info,
-                "config": asdict(model.cfg),
-                "data": {"source": data.source, "train": len(data.train_y),
-                         "test": len(data.test_y), "classes": data.num_classes},
-                "steps": step,
-                "final": {"test_accuracy": acc, "test_loss": loss},
-                "wall_time_s": time.perf_counter() - start_time,
-                "train_time_s": train_s,
-                "samples_per_s": samples_per_s,
-                "step_time_median_s": timer.median_step_s(),
-                "params": params_start,
-                "params_final": count_params(model),
-                "processes": dist.world,
-                "threads": torch.get_num_threads(),
-                "bf16": args.bf16,
-                "compile": args.compile,
-                "seed": args.seed,
-                "history": history.to_dict(),
-            }
+            label = name + (f" → dense at {args.densify_at:g}" if done.switch else "")
+            acc = done.history.last("test accuracy") if done.finished else None
+            loss = done.history.last("test loss") if done.finished else None
+            metrics = run_metrics(
+                "vision", args, add_arguments, done, dist, start,
+                model=args.model,
+                layers=args.layers,
+                nblocks=args.nblocks if args.layers == "monarch" else None,
+                lowrank=args.lowrank or None,
+                densify_at=args.densify_at,
+                densified=done.switch,
+                config=asdict(done.model.cfg),
+                data={"source": data.source, "train": len(data.train_y),
+                      "test": len(data.test_y), "classes": data.num_classes},
+                final={"test_accuracy": acc, "test_loss": loss},
+                samples_per_s=done.per_second(args.batch_size),
+                params=params_start,
+                params_final=count_params(done.model),
+            )
             write_json(out / METRICS, metrics)
-            marks = {"densify": switch_info["step"]} if switch_info else None
-            plot_curves(history, out / PLOT, title=f"vision ({label}): {data.source}",
+            marks = {"densify": done.switch["step"]} if done.switch else None
+            plot_curves(done.history, out / PLOT, title=f"vision ({label}): {data.source}",
                         panels=[["train loss", "test loss"], ["test accuracy"]],
                         ylabels=["cross-entropy", "accuracy (%)"], marks=marks)
-            if finished:
+            if done.finished:
                 print(f"vision {label}: test accuracy {acc:.2f}% (loss {loss:.4f}) after "
-                      f"{step} steps; {samples_per_s:.0f} images/s; wrote {out}/", flush=True)
+                      f"{done.step} steps; {metrics['samples_per_s']:.0f} images/s; "
+                      f"wrote {out}/", flush=True)
             else:
-                print(f"vision {label}: stopped at step {step}; --resume to continue", flush=True)
-        return 0
-    finally:
-        teardown_distributed(dist)
+                print(f"vision {label}: stopped at step {done.step}; --resume to continue",
+                      flush=True)
+    return 0
