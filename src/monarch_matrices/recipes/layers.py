@@ -10,6 +10,7 @@ optimizer over.
 
 from __future__ import annotations
 
+import argparse
 import math
 from collections.abc import Callable
 from functools import partial
@@ -21,10 +22,13 @@ from torch import nn
 from ..convert import densify
 from ..nn import MonarchLinear
 from ..nn._common import StructuredLinear
+from .common import RunError, fraction, positive_int
 
 __all__ = [
     "LAYER_KINDS",
     "MonarchLowRankLinear",
+    "add_layer_arguments",
+    "check_layer_arguments",
     "densify_training",
     "make_linear",
     "switch_to_dense",
@@ -32,6 +36,32 @@ __all__ = [
 
 LAYER_KINDS = ("dense", "monarch")
 LinearFactory = Callable[..., nn.Module]
+
+
+def add_layer_arguments(group: argparse._ArgumentGroup, where: str) -> None:
+    """The layer choice and S2D options of a recipe that trains from scratch."""
+    group.add_argument("--layers", choices=LAYER_KINDS, default="monarch",
+                       help=f"weight matrices in {where} (default monarch)")
+    group.add_argument("--nblocks", type=positive_int, default=4,
+                       help="Monarch blocks per factor (default 4)")
+    group.add_argument("--lowrank", type=int, default=0, metavar="R",
+                       help="add a rank-R term to every Monarch layer (S2D; default 0: none)")
+    group.add_argument("--densify-at", type=fraction, default=None, metavar="F",
+                       help="S2D: after fraction F of the steps, multiply the Monarch layers "
+                       "out into dense ones and finish dense (needs --layers monarch)")
+    group.add_argument("--rewarm", type=int, default=20, metavar="N",
+                       help="S2D: steps over which the new dense weights' learning rate "
+                       "ramps back up (default 20)")
+
+
+def check_layer_arguments(args: argparse.Namespace) -> None:
+    """Refuse S2D options that contradict the layer choice."""
+    if args.densify_at is not None and args.layers != "monarch":
+        raise RunError("--densify-at needs --layers monarch (it densifies Monarch layers)")
+    if args.lowrank and args.layers != "monarch":
+        raise RunError("--lowrank adds to Monarch layers; it needs --layers monarch")
+    if args.lowrank < 0:
+        raise RunError(f"--lowrank={args.lowrank} must be >= 0")
 
 
 class MonarchLowRankLinear(MonarchLinear):

@@ -39,14 +39,13 @@ from .common import (
     add_common_arguments,
     autocast,
     count_params,
-    fraction,
     guarded,
     plot_curves,
     positive_int,
     seed_everything,
     write_json,
 )
-from .layers import LAYER_KINDS, make_linear
+from .layers import add_layer_arguments, check_layer_arguments, make_linear
 from .loop import Task, run_metrics, session, train
 
 # ---------------------------------------------------------------- the model
@@ -140,18 +139,7 @@ class GPT(nn.Module):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     m = parser.add_argument_group("model and data")
-    m.add_argument("--layers", choices=LAYER_KINDS, default="monarch",
-                   help="weight matrices in attention and MLP (default monarch)")
-    m.add_argument("--nblocks", type=positive_int, default=4,
-                   help="Monarch blocks per factor (default 4)")
-    m.add_argument("--lowrank", type=int, default=0, metavar="R",
-                   help="add a rank-R term to every Monarch layer (S2D; default 0: none)")
-    m.add_argument("--densify-at", type=fraction, default=None, metavar="F",
-                   help="S2D: after fraction F of the steps, multiply the Monarch layers "
-                   "out into dense ones and finish dense (needs --layers monarch)")
-    m.add_argument("--rewarm", type=int, default=20, metavar="N",
-                   help="S2D: steps over which the new dense weights' learning rate "
-                   "ramps back up (default 20)")
+    add_layer_arguments(m, "attention and MLP")
     m.add_argument("--n-layer", type=positive_int, default=GPTConfig.n_layer)
     m.add_argument("--n-head", type=positive_int, default=GPTConfig.n_head)
     m.add_argument("--n-embd", type=positive_int, default=GPTConfig.n_embd)
@@ -165,12 +153,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_arguments(args: argparse.Namespace) -> None:
-    if args.densify_at is not None and args.layers != "monarch":
-        raise RunError("--densify-at needs --layers monarch (it densifies Monarch layers)")
-    if args.lowrank and args.layers != "monarch":
-        raise RunError("--lowrank adds to Monarch layers; it needs --layers monarch")
-    if args.lowrank < 0:
-        raise RunError(f"--lowrank={args.lowrank} must be >= 0")
+    check_layer_arguments(args)
     if args.n_embd % args.n_head:
         raise RunError(f"--n-embd={args.n_embd} must be a multiple of --n-head={args.n_head}")
 

@@ -38,14 +38,13 @@ from .common import (
     autocast,
     count_params,
     epoch_batch,
-    fraction,
     guarded,
     plot_curves,
     positive_int,
     seed_everything,
     write_json,
 )
-from .layers import LAYER_KINDS, make_linear
+from .layers import add_layer_arguments, check_layer_arguments, make_linear
 from .loop import Task, run_metrics, session, train
 
 MODELS = ("vit", "mixer")
@@ -167,18 +166,7 @@ class Classifier(nn.Module):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     m = parser.add_argument_group("model and data")
     m.add_argument("--model", choices=MODELS, default="vit", help="architecture (default vit)")
-    m.add_argument("--layers", choices=LAYER_KINDS, default="monarch",
-                   help="weight matrices in the blocks (default monarch)")
-    m.add_argument("--nblocks", type=positive_int, default=4,
-                   help="Monarch blocks per factor (default 4)")
-    m.add_argument("--lowrank", type=int, default=0, metavar="R",
-                   help="add a rank-R term to every Monarch layer (S2D; default 0: none)")
-    m.add_argument("--densify-at", type=fraction, default=None, metavar="F",
-                   help="S2D: after fraction F of the steps, multiply the Monarch layers "
-                   "out into dense ones and finish dense (needs --layers monarch)")
-    m.add_argument("--rewarm", type=int, default=20, metavar="N",
-                   help="S2D: steps over which the new dense weights' learning rate "
-                   "ramps back up (default 20)")
+    add_layer_arguments(m, "the blocks")
     m.add_argument("--dim", type=positive_int, default=VisionConfig.dim)
     m.add_argument("--depth", type=positive_int, default=VisionConfig.depth)
     m.add_argument("--heads", type=positive_int, default=VisionConfig.heads)
@@ -198,12 +186,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     """Refuse contradictory options; fill in the per-model learning rate."""
     if args.lr is None:
         args.lr = DEFAULT_LR[args.model]
-    if args.densify_at is not None and args.layers != "monarch":
-        raise RunError("--densify-at needs --layers monarch (it densifies Monarch layers)")
-    if args.lowrank and args.layers != "monarch":
-        raise RunError("--lowrank adds to Monarch layers; it needs --layers monarch")
-    if args.lowrank < 0:
-        raise RunError(f"--lowrank={args.lowrank} must be >= 0")
+    check_layer_arguments(args)
     if args.model == "vit" and args.dim % args.heads:
         raise RunError(f"--dim={args.dim} must be a multiple of --heads={args.heads}")
 
