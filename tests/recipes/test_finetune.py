@@ -47,7 +47,8 @@ def reviews(tmp_path):
 
 
 @pytest.mark.parametrize("variant", [["--layers", "dense"], ["--init", "project"],
-                                     ["--init", "random"]])
+                                     ["--init", "random"],
+                                     ["--init", "calibrated", "--calibrate", "40"]])
 def test_each_variant_trains_and_reports(tmp_path, tiny_model, reviews, variant):
     m = train("finetune", tmp_path / "run", "--model", str(tiny_model), "--data", str(reviews),
               "--text-column", "review", "--label-column", "mood", "--labels", "neg,pos",
@@ -64,6 +65,8 @@ def test_each_variant_trains_and_reports(tmp_path, tiny_model, reviews, variant)
         conv = m["conversion"]
         assert conv["layers"] == 6 and conv["init"] == variant[1] and conv["param_ratio"] < 1
         assert (conv["mean_projection_error"] is None) == (variant[1] == "random")
+        assert conv["calibration_texts"] == (40 if variant[1] == "calibrated" else None)
+        assert conv["seconds"] > 0
 
 
 def test_resume_is_exact_with_dropout(tmp_path, tiny_model, reviews):
