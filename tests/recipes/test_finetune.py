@@ -69,11 +69,42 @@ def test_each_variant_trains_and_reports(tmp_path, tiny_model, reviews, variant)
         assert conv["seconds"] > 0
 
 
-def test_resume_is_exact_with_dropout(tmp_path, tiny_model, reviews):
+@pytest.mark.parametrize("init", ["project", "calibrated"])
+def test_resume_is_exact_with_dropout(tmp_path, tiny_model, reviews, init):
+    # stops after the first evaluation (step 10), which switches the model to eval
+    # and back: dropout must be on in every training step, before and after
     args = ["--model", str(tiny_model), "--data", str(reviews), "--text-column", "review",
             "--label-column", "mood", "--labels", "neg,pos", "--steps", "20",
-            "--batch-size", "16", "--eval-every", "10"]
+            "--batch-size", "16", "--eval-every", "10", "--init", init]
     whole = train("finetune", tmp_path / "whole", *args)
-    train("finetune", tmp_path / "part", *args, "--stop-after", "7")
+    train("finetune", tmp_path / "part", *args, "--stop-after", "13")
     resumed = train("finetune", tmp_path / "part", *args, "--resume")
     assert resumed["history"] == whole["history"]
+
+
+def test_dropout_is_on_from_the_first_step(tmp_path, tiny_model, reviews, monkeypatch):
+    from monarch_matrices.recipes import loop
+
+    seen = []
+    real_train = loop.train
+
+    def spy(task, model, *a, **kw):
+        real_loss = task.loss
+        task.loss = lambda m, b: (seen.append(all(x.training for x in model.modules())),
+                                  real_loss(m, b))[1]
+        return real_train(task, model, *a, **kw)
+
+    monkeypatch.setattr("monarch_matrices.recipes.finetune.train", spy)
+    train("finetune", tmp_path / "run", "--model", str(tiny_model), "--data", str(reviews),
+          "--text-column", "review", "--label-column", "mood", "--labels", "neg,pos",
+          "--steps", "3", "--batch-size", "16", "--layers", "dense")
+    assert seen == [True, True, True]
+
+
+def test_calibrate_needs_the_calibrated_start(tmp_path, tiny_model, reviews):
+    from monarch_matrices.cli import main
+
+    rc = main(["train", "finetune", "--out", str(tmp_path / "run"), "--model", str(tiny_model),
+               "--data", str(reviews), "--text-column", "review", "--label-column", "mood",
+               "--labels", "neg,pos", "--init", "project", "--calibrate", "40"])
+    assert rc == 2 and not (tmp_path / "run" / "metrics.json").exists()

