@@ -108,3 +108,24 @@ def test_calibrate_needs_the_calibrated_start(tmp_path, tiny_model, reviews):
                "--data", str(reviews), "--text-column", "review", "--label-column", "mood",
                "--labels", "neg,pos", "--init", "project", "--calibrate", "40"])
     assert rc == 2 and not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_dropout_option_reaches_every_dropout(tiny_model):
+    from torch import nn
+
+    from monarch_matrices.recipes.finetune import load_encoder
+
+    encoder, _, _ = load_encoder(str(tiny_model), dropout=0.0)
+    assert encoder.config.hidden_dropout_prob == encoder.config.attention_probs_dropout_prob == 0
+    assert all(m.p == 0 for m in encoder.modules() if isinstance(m, nn.Dropout))
+    default, _, _ = load_encoder(str(tiny_model))
+    assert any(m.p > 0 for m in default.modules() if isinstance(m, nn.Dropout))
+
+
+def test_dropout_must_be_a_probability(tmp_path, tiny_model, reviews):
+    from monarch_matrices.cli import main
+
+    rc = main(["train", "finetune", "--out", str(tmp_path / "run"), "--model", str(tiny_model),
+               "--data", str(reviews), "--text-column", "review", "--label-column", "mood",
+               "--labels", "neg,pos", "--dropout", "1.5"])
+    assert rc == 2

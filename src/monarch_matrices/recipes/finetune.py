@@ -78,8 +78,17 @@ class SentenceClassifier(nn.Module):
         return self.head(pooled)  # (B, labels)
 
 
-def load_encoder(path: str | None) -> tuple[nn.Module, object, str]:
-    """``(encoder, tokenizer, label)`` from a local transformers folder, or the default."""
+# Config fields that hold a dropout probability in common transformers encoders.
+DROPOUT_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout",
+                  "attention_dropout", "activation_dropout")
+
+
+def load_encoder(path: str | None, dropout: float | None = None) -> tuple[nn.Module, object, str]:
+    """``(encoder, tokenizer, label)`` from a local transformers folder, or the default.
+
+    ``dropout`` overrides every dropout probability of the model (its config
+    fields, which attention kernels read, and every ``nn.Dropout``).
+    """
     import transformers
 
     from ..convert.hf import DEFAULT_MODEL_ID, ModelLoadError, default_model_path
@@ -90,10 +99,18 @@ def load_encoder(path: str | None) -> tuple[nn.Module, object, str]:
         raise RunError(str(e)) from None
     transformers.utils.logging.disable_progress_bar()  # ours is the bar that matters
     try:
-        encoder = transformers.AutoModel.from_pretrained(folder)
+        overrides = {}
+        if dropout is not None:
+            config = transformers.AutoConfig.from_pretrained(folder)
+            overrides = {f: dropout for f in DROPOUT_FIELDS if hasattr(config, f)}
+        encoder = transformers.AutoModel.from_pretrained(folder, **overrides)
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as e:
         raise RunError(f"cannot load --model {folder}: {str(e).splitlines()[0]}") from None
+    if dropout is not None:
+        for module in encoder.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = dropout
     if tokenizer.pad_token is None:  # GPT-2-like models have none; any id works under the mask
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return encoder, tokenizer, DEFAULT_MODEL_ID if path is None else str(path)
@@ -128,6 +145,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="label values to keep, in class order (default negative,positive)")
     m.add_argument("--encoding", default="latin-1", help="the CSV's encoding (default latin-1)")
     m.add_argument("--max-length", type=positive_int, default=64, help="tokens per text")
+    m.add_argument("--dropout", type=float, default=None, metavar="P",
+                   help="dropout probability in the encoder (default: the model's own, "
+                   "0.1 for MiniLM)")
     m.add_argument("--train-embeddings", action="store_true",
                    help="also train the word-embedding table (frozen by default)")
     m.add_argument("--eval-samples", type=positive_int, default=1000,
@@ -192,7 +212,7 @@ def build_model(args: argparse.Namespace, num_labels: int,
     """
     from ..convert import ConversionError, monarchify
 
-    encoder, tokenizer, label = load_encoder(args.model)
+    encoder, tokenizer, label = load_encoder(args.model, args.dropout)
     report = None
     if args.layers == "monarch":
         targets = [t.strip() for t in args.targets.split(",") if t.strip()]
@@ -220,7 +240,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def check_arguments(args: argparse.Namespace) -> None:
-    """Refuse options that would do nothing; fill in ``--calibrate``'s default."""
+    """Refuse options that would do nothing or cannot work; fill in ``--calibrate``'s default."""
+    if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
+        raise RunError(f"--dropout={args.dropout} must be in [0, 1)")
     if args.calibrate is not None and (args.init != "calibrated" or args.layers != "monarch"):
         raise RunError("--calibrate N needs --layers monarch --init calibrated")
     if args.init == "calibrated" and args.calibrate is None:
@@ -244,6 +266,8 @@ def _run(args: argparse.Namespace) -> int:
         texts = []
         if args.init == "calibrated" and args.layers == "monarch":
             texts = sample_texts(data.train_texts, args.calibrate, seed=args.seed)
+            if not texts:
+                raise RunError("--init calibrated: the training split has no non-blank text")
         built = time.perf_counter()
         model, report, tokenizer, model_label = build_model(
             args, len(labels), texts if dist.main and not args.resume else (),
