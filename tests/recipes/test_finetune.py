@@ -75,7 +75,7 @@ def test_resume_is_exact_with_dropout(tmp_path, tiny_model, reviews, init):
     # and back: dropout must be on in every training step, before and after
     args = ["--model", str(tiny_model), "--data", str(reviews), "--text-column", "review",
             "--label-column", "mood", "--labels", "neg,pos", "--steps", "20",
-            "--batch-size", "16", "--eval-every", "10", "--init", init]
+            "--batch-size", "16", "--eval-every", "10", "--init", init, "--dropout", "0.1"]
     whole = train("finetune", tmp_path / "whole", *args)
     train("finetune", tmp_path / "part", *args, "--stop-after", "13")
     resumed = train("finetune", tmp_path / "part", *args, "--resume")
