@@ -30,6 +30,7 @@ __all__ = [
     "add_layer_arguments",
     "check_layer_arguments",
     "densify_training",
+    "layer_fields",
     "make_linear",
     "switch_to_dense",
 ]
@@ -52,6 +53,15 @@ def add_layer_arguments(group: argparse._ArgumentGroup, where: str) -> None:
     group.add_argument("--rewarm", type=int, default=20, metavar="N",
                        help="S2D: steps over which the new dense weights' learning rate "
                        "ramps back up (default 20)")
+
+
+def layer_fields(args: argparse.Namespace, switch: dict | None) -> dict:
+    """The ``metrics.json`` fields of the options :func:`add_layer_arguments` adds."""
+    return {"layers": args.layers,
+            "nblocks": args.nblocks if args.layers == "monarch" else None,
+            "lowrank": args.lowrank or None,
+            "densify_at": args.densify_at,
+            "densified": switch}
 
 
 def check_layer_arguments(args: argparse.Namespace) -> None:

@@ -45,7 +45,7 @@ from .common import (
     seed_everything,
     write_json,
 )
-from .layers import add_layer_arguments, check_layer_arguments, make_linear
+from .layers import add_layer_arguments, check_layer_arguments, layer_fields, make_linear
 from .loop import Task, run_metrics, session, train
 
 # ---------------------------------------------------------------- the model
@@ -240,11 +240,7 @@ def _run(args: argparse.Namespace) -> int:
             tokens_per_step = args.batch_size * args.block_size
             metrics = run_metrics(
                 "lm", args, add_arguments, done, dist, start,
-                layers=args.layers,
-                nblocks=args.nblocks if args.layers == "monarch" else None,
-                lowrank=args.lowrank or None,
-                densify_at=args.densify_at,
-                densified=done.switch,
+                **layer_fields(args, done.switch),
                 model=asdict(done.model.cfg),
                 data={"source": source, "train_chars": len(train_data),
                       "val_chars": len(val_data), "vocab_size": tok.vocab_size},

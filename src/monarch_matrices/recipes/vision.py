@@ -44,7 +44,7 @@ from .common import (
     seed_everything,
     write_json,
 )
-from .layers import add_layer_arguments, check_layer_arguments, make_linear
+from .layers import add_layer_arguments, check_layer_arguments, layer_fields, make_linear
 from .loop import Task, run_metrics, session, train
 
 MODELS = ("vit", "mixer")
@@ -263,11 +263,7 @@ def _run(args: argparse.Namespace) -> int:
             metrics = run_metrics(
                 "vision", args, add_arguments, done, dist, start,
                 model=args.model,
-                layers=args.layers,
-                nblocks=args.nblocks if args.layers == "monarch" else None,
-                lowrank=args.lowrank or None,
-                densify_at=args.densify_at,
-                densified=done.switch,
+                **layer_fields(args, done.switch),
                 config=asdict(done.model.cfg),
                 data={"source": data.source, "train": len(data.train_y),
                       "test": len(data.test_y), "classes": data.num_classes},
