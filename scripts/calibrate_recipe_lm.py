@@ -45,6 +45,10 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    for name in ("metrics.json", "checkpoint.pt"):
+        if not (args.run / name).is_file():
+            raise SystemExit(f"{args.run / name} does not exist: give the --out folder of a "
+                             "finished `monarch-matrices train lm --layers dense` run")
     metrics = json.loads((args.run / "metrics.json").read_text())
     run = argparse.Namespace(**metrics["options"])
     if run.layers != "dense" or not metrics["finished"]:

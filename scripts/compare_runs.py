@@ -4,7 +4,7 @@ Each argument is a run folder (``--out`` of ``monarch-matrices train``) holding
 ``metrics.json``; a label can be given as ``LABEL=DIR``::
 
     python scripts/compare_runs.py dense=out/lm-dense monarch=out/lm-monarch \\
-        s2d=out/lm-s2d --series "val loss" --png docs/figures/recipes-lm.png
+        s2d=out/lm-s2d --series "val loss" --png docs/figures/recipes-lm.png --force
 """
 
 from __future__ import annotations
@@ -21,13 +21,18 @@ def main() -> int:
                         help="curve to overlay (default: 'val loss' or 'test accuracy')")
     parser.add_argument("--png", type=Path, help="write the overlay here")
     parser.add_argument("--title", default=None)
+    parser.add_argument("--force", action="store_true", help="replace an existing --png file")
     args = parser.parse_args()
+    if args.png and args.png.exists() and not args.force:
+        parser.error(f"{args.png} exists; pass --force to replace it")
 
     runs = []
     for spec in args.runs:
         label, _, folder = spec.rpartition("=")
-        metrics = json.loads((Path(folder) / "metrics.json").read_text())
-        runs.append((label or Path(folder).name, metrics))
+        path = Path(folder) / "metrics.json"
+        if not path.is_file():
+            parser.error(f"{path} does not exist: give the --out folder of a finished run")
+        runs.append((label or Path(folder).name, json.loads(path.read_text())))
 
     w = max(len(label) for label, _ in runs)
     print(f"{'run':{w}s} {'final':>16s} {'steps':>6s} {'wall s':>7s} {'train s':>8s} "
@@ -62,7 +67,9 @@ def main() -> int:
         ax.set_title(args.title or series)
         fig.tight_layout()
         args.png.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(args.png, dpi=110)
+        tmp = args.png.with_name(f".{args.png.name}.tmp")
+        fig.savefig(tmp, dpi=110, format="png")
+        tmp.replace(args.png)  # atomic: a crash never leaves half a figure
         print(f"wrote {args.png}")
     return 0
 
