@@ -16,6 +16,7 @@ from .calibrate import (
     project_calibrated,
 )
 from .factor import factor_mm_star
+from .lowrank import LowRankFit, fit_lowrank
 from .multiply import monarch_multiply, monarch_to_dense
 from .product import (
     ProductFactors,
@@ -33,6 +34,7 @@ from .shapes import MonarchShape, check_factors, monarch_shape, slice_channel_co
 __all__ = [
     "BlockdiagProjection",
     "CalibratedProjection",
+    "LowRankFit",
     "MonarchShape",
     "ProductFactors",
     "Projection",
@@ -44,6 +46,7 @@ __all__ = [
     "check_gram",
     "check_product",
     "factor_mm_star",
+    "fit_lowrank",
     "mm_star_factors",
     "monarch_multiply",
     "monarch_multiply_bmm",

@@ -55,11 +55,16 @@ def _forward_chunks(
     w2: torch.Tensor,
     bias: torch.Tensor | None,
     keep_middle: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-    """Chunked forward on a 2-D contiguous ``x``: ``(y, middle or None, chunk)``.
+    lowrank: tuple[torch.Tensor, torch.Tensor] | None = None,
+    keep_lowrank: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, int, torch.Tensor | None]:
+    """Chunked forward on a 2-D contiguous ``x``: ``(y, middle or None, chunk, t or None)``.
 
     ``middle[b, v, u] = h[b, u·l + v]`` is the permuted middle activation, kept
     for the whole batch only when asked (backward needs it for ``w2``'s gradient).
+    With ``lowrank = (a, b)`` each chunk also adds ``(x aᵀ) bᵀ`` to its output
+    while that is still in cache; ``t = x aᵀ`` is kept when asked (for ``b``'s
+    gradient).
     """
     k, q, p = w1.shape
     l, s, r = w2.shape
@@ -67,29 +72,63 @@ def _forward_chunks(
     y = x.new_empty(n_tokens, s * l)
     chunk = chunk_tokens(n_tokens, k * q, s * l, x.dtype, x.device)
     mid = x.new_empty(n_tokens if keep_middle else chunk, l, r)
-    h = x.new_empty(chunk, k, q)
+    fused = lowrank is not None and q % l == 0
+    if fused:  # a rides in the first GEMM, as R extra rows of every w1 block
+        w1 = _with_lowrank_rows(w1, lowrank[0])
+    h = x.new_empty(chunk, k, w1.shape[1])
     z = x.new_empty(chunk, l, s)
     w1t, w2t = w1.transpose(1, 2), w2.transpose(1, 2)
     # the bias in z's layout: added to the contiguous GEMM output in cache, before
     # the interleaving copy (an add that reads the permuted view is ~4x slower in bf16)
     bias_ls = None if bias is None else bias.view(s, l).t().contiguous()
+    t = None
+    if lowrank is not None:
+        # b in z's layout, b_ls[R, v·s + e] = b[e·l + v, R]: the term is the GEMM that
+        # starts z (with the bias), and the Monarch part accumulates onto it
+        b_ls = lowrank[1].t().reshape(-1, s, l).transpose(1, 2).reshape(-1, l * s)
+        t = x.new_empty(n_tokens if keep_lowrank else chunk, lowrank[0].shape[0])
     for start in range(0, n_tokens, chunk):
         n = min(chunk, n_tokens - start)
         xc = x[start : start + n].view(n, k, p)
         hc, zc = h[:n], z[:n]
         mc = mid[start : start + n] if keep_middle else mid[:n]
-        torch.bmm(xc.transpose(0, 1), w1t, out=hc.transpose(0, 1))  # (k, n, q)
-        mc.copy_(hc.view(n, r, l).transpose(1, 2))  # stride permutation, in cache
-        torch.bmm(mc.transpose(0, 1), w2t, out=zc.transpose(0, 1))  # (l, n, s)
-        if bias_ls is not None:
-            zc.add_(bias_ls)
+        torch.bmm(xc.transpose(0, 1), w1t, out=hc.transpose(0, 1))  # (k, n, q[+R])
+        tc = None if t is None else t[start : start + n] if keep_lowrank else t[:n]
+        if fused:
+            # the stride permutation from the first q rows: with c = c1·l + v,
+            # middle[b, v, a·(q/l) + c1] = h[b, a, c1·l + v]
+            mc.view(n, l, k, q // l).copy_(hc[:, :, :q].view(n, k, q // l, l).permute(0, 3, 1, 2))
+            torch.sum(hc[:, :, q:], dim=1, out=tc)  # x aᵀ = Σ over input blocks
+        else:
+            mc.copy_(hc.view(n, r, l).transpose(1, 2))  # stride permutation, in cache
+            if tc is not None:
+                torch.mm(x[start : start + n], lowrank[0].t(), out=tc)  # (n, R)
+        if tc is None:
+            torch.bmm(mc.transpose(0, 1), w2t, out=zc.transpose(0, 1))  # (l, n, s)
+            if bias_ls is not None:
+                zc.add_(bias_ls)
+        else:
+            if bias_ls is None:
+                torch.mm(tc, b_ls, out=zc.view(n, l * s))
+            else:
+                torch.addmm(bias_ls.view(-1), tc, b_ls, out=zc.view(n, l * s))
+            zc.transpose(0, 1).baddbmm_(mc.transpose(0, 1), w2t)  # (l, n, s) += ...
         # y[b, e·l + v] = z[b, v, e]: the output interleave
         y[start : start + n].view(n, s, l).copy_(zc.transpose(1, 2))
-    return y, (mid if keep_middle else None), chunk
+    return y, (mid if keep_middle else None), chunk, (t if keep_lowrank else None)
+
+
+def _with_lowrank_rows(w1: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``(k, q + R, p)``: each block of ``w1`` followed by ``a``'s columns for that block."""
+    k, _, p = w1.shape
+    return torch.cat([w1, a.reshape(a.shape[0], k, p).transpose(0, 1)], dim=1)
 
 
 class _MonarchMultiply(torch.autograd.Function):
-    """``y = x Mᵀ (+ bias)`` for a 2-D ``x``; saves ``x`` and the permuted middle activation."""
+    """``y = x (M + b a)ᵀ (+ bias)`` for a 2-D ``x``; ``a``, ``b`` optional (low-rank term).
+
+    Saves ``x``, the permuted middle activation and (for ``b``'s gradient) ``x aᵀ``.
+    """
 
     @staticmethod
     def forward(
@@ -98,48 +137,89 @@ class _MonarchMultiply(torch.autograd.Function):
         w1: torch.Tensor,
         w2: torch.Tensor,
         bias: torch.Tensor | None,
+        a: torch.Tensor | None = None,
+        b: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        y, mid, chunk = _forward_chunks(x, w1, w2, bias, keep_middle=ctx.needs_input_grad[2])
-        ctx.save_for_backward(x, w1, w2, mid)
+        lowrank = None if a is None else (a, b)
+        y, mid, chunk, t = _forward_chunks(
+            x, w1, w2, bias, keep_middle=ctx.needs_input_grad[2], lowrank=lowrank,
+            keep_lowrank=lowrank is not None and ctx.needs_input_grad[5],
+        )
+        ctx.save_for_backward(x, w1, w2, mid, a, b, t)
         ctx.chunk = chunk
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y: torch.Tensor):
-        x, w1, w2, mid = ctx.saved_tensors
-        need_x, need_w1, need_w2, need_bias = ctx.needs_input_grad
+        x, w1, w2, mid, a, b, t = ctx.saved_tensors
+        need_x, need_w1, need_w2, need_bias, need_a, need_b = ctx.needs_input_grad
         k, q, p = w1.shape
         l, s, r = w2.shape
         n_tokens, chunk = x.shape[0], ctx.chunk
         grad_y = grad_y.contiguous()
+        # the low-rank term: y += t bᵀ with t = x aᵀ, so with gt = g b̄ (the gradient of t)
+        # grad b = gᵀ t̄, grad a = gtᵀ x̄, grad x += gt ā; per chunk while g is in cache,
+        # in the layouts (R first) that MKL's skinny GEMMs run fastest in.  When fused,
+        # a is part of the first factor (R more rows per block) and so is gt of its gradient
+        lowrank = a is not None
+        fused = lowrank and q % l == 0
+        w1f = _with_lowrank_rows(w1, a) if fused else w1
+        qf = w1f.shape[1]
         grad_x = torch.empty_like(x) if need_x else None
-        grad_w1 = torch.zeros_like(w1) if need_w1 else None
         grad_w2 = torch.zeros_like(w2) if need_w2 else None
+        grad_w1f = torch.zeros_like(w1f) if need_w1 or (fused and need_a) else None
+        grad_a = torch.zeros_like(a) if need_a and not fused else None
+        grad_bt = b.new_zeros(b.shape[1], b.shape[0]) if need_b else None  # (R, s·l)
+        gtt = grad_y.new_empty(a.shape[0], chunk) if lowrank else None  # (R, n)
+        bct = b.conj().t().contiguous() if lowrank else None  # (R, s·l)
         # complex: the gradient of A @ B is (G Bᴴ, Aᴴ G); conj() is a free view
-        w1c, w2c = w1.conj(), w2.conj()
+        w1c, w2c = w1f.conj(), w2.conj()
         gz = grad_y.new_empty(chunk, l, s)
         gm = grad_y.new_empty(chunk, l, r)
-        gh = grad_y.new_empty(chunk, k, q)
+        gh = grad_y.new_empty(chunk, k, qf)
+        need_h = need_x or grad_w1f is not None
         for start in range(0, n_tokens, chunk):
             n = min(chunk, n_tokens - start)
+            rows = slice(start, start + n)
             gzc, gmc, ghc = gz[:n], gm[:n], gh[:n]
-            gzc.copy_(grad_y[start : start + n].view(n, s, l).transpose(1, 2))  # (n, l, s)
+            gzc.copy_(grad_y[rows].view(n, s, l).transpose(1, 2))  # (n, l, s)
+            if lowrank:
+                gtc = gtt[:, :n]
+                torch.mm(bct, grad_y[rows].t(), out=gtc)  # (R, s·l) @ (s·l, n)
+                if need_b:
+                    grad_bt.addmm_(t[rows].conj().t(), grad_y[rows])  # (R, n) @ (n, s·l)
+                if grad_a is not None:
+                    grad_a.addmm_(gtc, x[rows].conj())  # (R, n) @ (n, k·p)
             if need_w2:
-                mc = mid[start : start + n].transpose(0, 1).conj()  # (l, n, r)
+                mc = mid[rows].transpose(0, 1).conj()  # (l, n, r)
                 grad_w2.baddbmm_(gzc.permute(1, 2, 0), mc)  # (l, s, n) @ (l, n, r)
-            if not (need_x or need_w1):
+            if not need_h:
                 continue
             torch.bmm(gzc.transpose(0, 1), w2c, out=gmc.transpose(0, 1))  # (l, n, r)
-            ghc.view(n, r, l).copy_(gmc.transpose(1, 2))  # inverse stride permutation
-            if need_w1:
-                xc = x[start : start + n].view(n, k, p).transpose(0, 1).conj()  # (k, n, p)
-                grad_w1.baddbmm_(ghc.permute(1, 2, 0), xc)  # (k, q, n) @ (k, n, p)
+            if fused:  # the inverse stride permutation into the first q rows, gt after
+                ghc[:, :, :q].view(n, k, q // l, l).copy_(
+                    gmc.view(n, l, k, q // l).permute(0, 2, 3, 1))
+                ghc[:, :, q:].copy_(gtc.t().unsqueeze(1))  # every block's a gets all of gt
+            else:
+                ghc.view(n, r, l).copy_(gmc.transpose(1, 2))  # inverse stride permutation
+            if grad_w1f is not None:
+                xc = x[rows].view(n, k, p).transpose(0, 1).conj()  # (k, n, p)
+                grad_w1f.baddbmm_(ghc.permute(1, 2, 0), xc)  # (k, qf, n) @ (k, n, p)
             if need_x:
-                gxc = grad_x[start : start + n].view(n, k, p).transpose(0, 1)
+                gxc = grad_x[rows].view(n, k, p).transpose(0, 1)
                 torch.bmm(ghc.transpose(0, 1), w1c, out=gxc)  # (k, n, p)
+                if lowrank and not fused:
+                    grad_x[rows].addmm_(gtc.t(), a.conj())  # (n, R) @ (R, k·p)
+        grad_w1 = None
+        if grad_w1f is not None:
+            grad_w1 = grad_w1f[:, :q] if fused else grad_w1f
+            if fused and need_a:
+                grad_a = grad_w1f[:, q:].transpose(0, 1).reshape(a.shape)
+            grad_w1 = grad_w1.contiguous() if need_w1 else None
         grad_bias = grad_y.sum(0) if need_bias else None
-        return grad_x, grad_w1, grad_w2, grad_bias
+        grad_b = None if grad_bt is None else grad_bt.t().contiguous()
+        return grad_x, grad_w1, grad_w2, grad_bias, grad_a, grad_b
 
 
 def monarch_multiply(
@@ -147,6 +227,7 @@ def monarch_multiply(
     w1: torch.Tensor,
     w2: torch.Tensor,
     bias: torch.Tensor | None = None,
+    lowrank: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Multiply ``x`` by the Monarch matrix with factors ``w1``, ``w2``: ``y = x @ M.T``.
 
@@ -155,6 +236,10 @@ def monarch_multiply(
         w1: ``(k, q, p)``: the first block-diagonal factor.
         w2: ``(l, s, r)``: the second block-diagonal factor, with ``k·q = l·r``.
         bias: optional ``(s·l,)``, added in the pass that writes the output.
+        lowrank: optional ``(a, b)``, ``a`` of shape ``(R, k·p)`` and ``b`` of shape
+            ``(s·l, R)``: computes ``y = x (M + b a)ᵀ`` instead, the rank-``R`` term
+            added chunk by chunk while the output is in cache (two skinny GEMMs
+            on their own would each make a pass over the whole output).
 
     Returns:
         ``(*, s·l)``, computed as::
@@ -187,31 +272,53 @@ def monarch_multiply(
     if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (s * l,)):
         shape = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
         raise ValueError(f"bias must have shape ({s * l},) = (s*l,), got {shape}")
+    a = b = None
+    if lowrank is not None:
+        a, b = _check_lowrank(lowrank, k * p, s * l)
     cast = _autocast_dtype(x.device.type)
+    extra = [t for t in (bias, a, b) if t is not None]
     if cast is not None and x.is_floating_point() and x.dtype != torch.float64:
         x, w1, w2 = x.to(cast), w1.to(cast), w2.to(cast)
-        bias = None if bias is None else bias.to(cast)
-    elif not (x.dtype == w1.dtype == w2.dtype) or (bias is not None and bias.dtype != x.dtype):
+        bias, a, b = (None if t is None else t.to(cast) for t in (bias, a, b))
+    elif not (x.dtype == w1.dtype == w2.dtype) or any(t.dtype != x.dtype for t in extra):
         raise TypeError(
             f"dtypes differ: x is {x.dtype}, w1 is {w1.dtype}, w2 is {w2.dtype}"
             + ("" if bias is None else f", bias is {bias.dtype}")
+            + ("" if a is None else f", lowrank is {a.dtype}/{b.dtype}")
             + "; cast them to one dtype or run under torch.autocast"
         )
     batch_shape = x.shape[:-1]
     x2 = x.reshape(-1, k * p).contiguous()
-    tensors = (x2, w1, w2) if bias is None else (x2, w1, w2, bias)
+    tensors = [x2, w1, w2, *(t for t in (bias, a, b) if t is not None)]
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         if x2.shape[0] <= SMALL_BATCH:
             y = monarch_multiply_bmm(x2, w1, w2)
             y = y if bias is None else y + bias
+            y = y if a is None else y + (x2 @ a.t()) @ b.t()
         else:
-            y = _forward_chunks(x2, w1, w2, bias, keep_middle=False)[0]
+            lr = None if a is None else (a, b)
+            y = _forward_chunks(x2, w1, w2, bias, keep_middle=False, lowrank=lr)[0]
     elif cast is not None:
         with torch.autocast(x.device.type, enabled=False):
-            y = _MonarchMultiply.apply(x2, w1, w2, bias)
+            y = _MonarchMultiply.apply(x2, w1, w2, bias, a, b)
     else:
-        y = _MonarchMultiply.apply(x2, w1, w2, bias)
+        y = _MonarchMultiply.apply(x2, w1, w2, bias, a, b)
     return y.reshape(*batch_shape, s * l)
+
+
+def _check_lowrank(lowrank: object, n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(a, b)`` of a rank-R term for a ``n_in → n_out`` multiply, or a clear error."""
+    if not (isinstance(lowrank, (tuple, list)) and len(lowrank) == 2
+            and all(isinstance(t, torch.Tensor) for t in lowrank)):
+        raise TypeError("lowrank must be a pair of tensors (a, b)")
+    a, b = lowrank
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != n_in or b.shape[0] != n_out \
+            or a.shape[0] != b.shape[1]:
+        raise ValueError(
+            f"lowrank a {tuple(a.shape)} and b {tuple(b.shape)} must be (R, {n_in}) and "
+            f"({n_out}, R) for this multiply"
+        )
+    return a, b
 
 
 def monarch_to_dense(w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,117 @@
+"""The rank-``r`` term that best completes a Monarch approximation: ``W ≈ M + B A``.
+
+A pretrained layer's error after projection onto Monarch is not spread evenly:
+on the inputs the layer sees, a handful of directions (the large-activation
+channels transformers are known for) carry much of it.  A rank-``r`` term
+``B A`` with ``r`` a few percent of the width captures those directions for a
+few percent more parameters, so "Monarch + low-rank" keeps far more of the
+function than Monarch alone (docs/convert.md measures it).
+
+With ``gram=None`` the term minimizes ``‖W − M − B A‖_F``: the truncated SVD of
+the residual.  With a Gram matrix ``C = X Xᵀ`` of the layer's inputs it
+minimizes the same damped calibration objective as
+:func:`~monarch_matrices.ops.project_calibrated`,
+
+    f_λ(N) = ‖W X_t − N X‖² + λ‖W − N‖²,     N = M + B A,
+
+which is ``‖(T − N) L‖²`` plus a constant, where ``C_λ = C + λI = L Lᵀ`` and
+``T = K C_λ⁻¹`` with ``K = W X_t Xᵀ + λW`` (``T = W`` when ``X_t = X``).  So the
+optimum is the truncated SVD of ``(T − M) L``, mapped back through ``L⁻¹``;
+``docs/math.md`` §7 has the steps.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .calibrate import check_gram
+
+__all__ = ["LowRankFit", "fit_lowrank"]
+
+
+class LowRankFit(NamedTuple):
+    """Result of :func:`fit_lowrank`: ``B A`` with ``a`` ``(r, in)`` and ``b`` ``(out, r)``.
+
+    The factors are balanced (both carry ``√σ`` of each singular value), so
+    neither dwarfs the other when they are trained on.  ``singular_values`` are
+    all of the weighted residual's, largest first: their tail beyond ``r`` is
+    the error that remains, ``√Σ_{i>r} σ_i²``.
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+    singular_values: torch.Tensor
+
+
+def fit_lowrank(
+    weight: torch.Tensor,
+    monarch: torch.Tensor,
+    rank: int,
+    gram: torch.Tensor | None = None,
+    *,
+    cross: torch.Tensor | None = None,
+    damping: float = 0.01,
+) -> LowRankFit:
+    """The rank-``rank`` ``B A`` minimizing the error of ``monarch + B A`` against ``weight``.
+
+    Args:
+        weight: the dense ``(out, in)`` weight ``W``.
+        monarch: the ``(out, in)`` dense form of its Monarch approximation ``M``.
+        rank: ``1 <= rank <= min(out, in)``.
+        gram: ``X Xᵀ`` over the layer's inputs (``(in, in)``); ``None`` fits in
+            Frobenius norm.
+        cross: ``X_t Xᵀ`` when the targets are ``W X_t`` on other inputs (the
+            dense model's), as in :func:`~monarch_matrices.ops.project_calibrated`.
+        damping: ``λ = damping · mean(diag C)`` (with ``gram``).
+
+    Returns:
+        :class:`LowRankFit` in ``weight``'s dtype and device (computed in float64).
+    """
+    if weight.ndim != 2 or monarch.shape != weight.shape:
+        raise ValueError(
+            f"weight {tuple(weight.shape)} and monarch {tuple(monarch.shape)} must be the same "
+            "(out, in) matrix shape"
+        )
+    out_f, in_f = weight.shape
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(out_f, in_f):
+        raise ValueError(f"rank={rank!r} must be an int in [1, {min(out_f, in_f)}] for a "
+                         f"{out_f}x{in_f} weight")
+    if weight.is_complex():
+        raise TypeError("fit_lowrank takes real weights")
+    w, m = weight.double(), monarch.double()
+    if gram is None:
+        if cross is not None:
+            raise ValueError("cross needs gram")
+        u, s, vh = torch.linalg.svd(w - m, full_matrices=False)
+        root = s[:rank].sqrt()
+        return LowRankFit((root[:, None] * vh[:rank]).to(weight.dtype),
+                          (u[:, :rank] * root).to(weight.dtype), s.to(weight.dtype))
+    check_gram(gram, in_f)
+    if cross is not None:
+        if tuple(cross.shape) != (in_f, in_f):
+            raise ValueError(f"cross has shape {tuple(cross.shape)}; it must be ({in_f}, {in_f})")
+        if not bool(torch.isfinite(cross).all()):
+            raise ValueError("cross has NaN/inf entries (did an activation overflow?)")
+    if not damping >= 0:
+        raise ValueError(f"damping={damping!r} must be >= 0")
+    c = gram.double()
+    c = 0.5 * (c + c.T)
+    lam = damping * float(c.diagonal().mean())
+    c = c + lam * torch.eye(in_f, dtype=c.dtype, device=c.device)
+    chol, info = torch.linalg.cholesky_ex(c)
+    if int(info) > 0:
+        raise ValueError("gram is not positive definite after damping; give damping > 0 "
+                         "(or a Gram matrix X Xᵀ of real inputs)")
+    if cross is None:
+        resid = (w - m) @ chol  # (T − M) L with T = W
+    else:
+        k = w @ cross.double() + lam * w  # K; T L = K L⁻ᵀ = (L⁻¹ Kᵀ)ᵀ
+        resid = torch.linalg.solve_triangular(chol, k.T, upper=False).T - m @ chol
+    u, s, vh = torch.linalg.svd(resid, full_matrices=False)
+    root = s[:rank].sqrt()
+    # A = √σ V_rᵀ L⁻¹ = (L⁻ᵀ V_r √σ)ᵀ
+    a = torch.linalg.solve_triangular(chol.T, vh[:rank].T * root, upper=True).T
+    return LowRankFit(a.to(weight.dtype), (u[:, :rank] * root).to(weight.dtype),
+                      s.to(weight.dtype))
