@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BlockdiagLinear",
     "MonarchLinear",
+    "MonarchLowRankLinear",
     "MonarchProduct",
     "MonarchReport",
     "MonarchShape",
@@ -29,6 +30,7 @@ __all__ = [
     "blockdiag_to_dense",
     "densify",
     "factor_mm_star",
+    "fit_lowrank",
     "load_monarch",
     "mm_star_factors",
     "monarch_multiply",
@@ -43,7 +45,8 @@ __all__ = [
     "project_factors",
     "save_monarch",
 ]
-_NN = {"BlockdiagLinear", "MonarchLinear", "MonarchProduct"}  # the rest of __all__ is in ops
+# the rest of __all__ is in ops
+_NN = {"BlockdiagLinear", "MonarchLinear", "MonarchLowRankLinear", "MonarchProduct"}
 _CONVERT = {
     "MonarchReport", "MonarchifyConfig", "densify", "load_monarch", "monarchify", "save_monarch"
 }
@@ -59,7 +62,7 @@ if TYPE_CHECKING:
         monarchify,
         save_monarch,
     )
-    from .nn import BlockdiagLinear, MonarchLinear, MonarchProduct
+    from .nn import BlockdiagLinear, MonarchLinear, MonarchLowRankLinear, MonarchProduct
     from .ops import (
         MonarchShape,
         ProductFactors,
@@ -67,6 +70,7 @@ if TYPE_CHECKING:
         blockdiag_multiply,
         blockdiag_to_dense,
         factor_mm_star,
+        fit_lowrank,
         mm_star_factors,
         monarch_multiply,
         monarch_multiply_reference,

@@ -2,6 +2,7 @@
 
 from .blockdiag import BlockdiagLinear
 from .linear import MonarchLinear
+from .lowrank import MonarchLowRankLinear
 from .product import MonarchProduct
 
-__all__ = ["BlockdiagLinear", "MonarchLinear", "MonarchProduct"]
+__all__ = ["BlockdiagLinear", "MonarchLinear", "MonarchLowRankLinear", "MonarchProduct"]

@@ -11,16 +11,14 @@ optimizer over.
 from __future__ import annotations
 
 import argparse
-import math
 from collections.abc import Callable
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..convert import densify
-from ..nn import MonarchLinear
+from ..nn import MonarchLinear, MonarchLowRankLinear
 from ..nn._common import StructuredLinear
 from .common import RunError, fraction, positive_int
 
@@ -72,59 +70,6 @@ def check_layer_arguments(args: argparse.Namespace) -> None:
         raise RunError("--lowrank adds to Monarch layers; it needs --layers monarch")
     if args.lowrank < 0:
         raise RunError(f"--lowrank={args.lowrank} must be >= 0")
-
-
-class MonarchLowRankLinear(MonarchLinear):
-    r"""``y = x (M + B A)ᵀ + b``: a Monarch matrix plus a rank-``lowrank`` term.
-
-    The paper's S2D runs train "Monarch + low-rank" before densifying; the
-    low-rank term lets the layer capture a global direction the block
-    structure cannot.  ``B`` starts at zero (as LoRA's does), so at
-    initialization the layer is exactly a :class:`MonarchLinear`.
-
-    Attributes:
-        lowrank_a: ``(lowrank, in_features)``, ``U(-1/√in, 1/√in)``.
-        lowrank_b: ``(out_features, lowrank)``, zeros.
-    """
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        nblocks: int = 4,
-        lowrank: int = 8,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        if lowrank < 1:
-            raise ValueError(f"lowrank={lowrank} must be >= 1")
-        super().__init__(in_features, out_features, bias, nblocks, device=device, dtype=dtype)
-        factory_kwargs = {"device": device, "dtype": dtype}
-        self.lowrank = lowrank
-        self.lowrank_a = nn.Parameter(torch.empty(lowrank, in_features, **factory_kwargs))
-        self.lowrank_b = nn.Parameter(torch.empty(out_features, lowrank, **factory_kwargs))
-        self._reset_lowrank()
-
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        if hasattr(self, "lowrank_a"):  # MonarchLinear.__init__ calls this before they exist
-            self._reset_lowrank()
-
-    @torch.no_grad()
-    def _reset_lowrank(self) -> None:
-        bound = 1 / math.sqrt(self.in_features)
-        nn.init.uniform_(self.lowrank_a, -bound, bound)
-        nn.init.zeros_(self.lowrank_b)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x) + F.linear(F.linear(x, self.lowrank_a), self.lowrank_b)
-
-    def to_dense(self) -> torch.Tensor:
-        return super().to_dense() + self.lowrank_b @ self.lowrank_a
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, lowrank={self.lowrank}"
 
 
 def make_linear(kind: str, nblocks: int = 4, lowrank: int = 0) -> LinearFactory:
