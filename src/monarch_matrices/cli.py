@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="comma-separated layer names or suffixes to keep dense")
     conv.add_argument("--rank", type=_positive, default=None,
                       help="channels per slice (default: the paper's middle width)")
+    conv.add_argument("--lowrank", type=_nonnegative, default=0, metavar="R",
+                      help="add a rank-R term to every Monarch layer, fitted to what the "
+                      "Monarch part misses (with --calibrate, on the activations); "
+                      "default 0: pure Monarch")
     conv.add_argument("--init", choices=("project", "random"), default="project",
                       help="project the dense weights (default) or start from random factors")
     conv.add_argument("--min-features", type=_nonnegative, default=128, metavar="N",
@@ -258,7 +262,8 @@ def _convert(args: argparse.Namespace) -> int:
     try:
         config = MonarchifyConfig(
             nblocks=args.nblocks, targets=targets, rank=args.rank, init=args.init,
-            min_features=args.min_features, exclude=tuple(_split(args.exclude)),
+            lowrank=args.lowrank, min_features=args.min_features,
+            exclude=tuple(_split(args.exclude)),
         )
     except (TypeError, ValueError) as e:
         raise _Failure(str(e), EXIT_USAGE) from None
@@ -272,7 +277,8 @@ def _convert(args: argparse.Namespace) -> int:
 
     model, tokenizer, label, base = _load(args.model)
     _say(f"{PROG} convert: {label} ({type(model).__name__}), nblocks={config.nblocks}, "
-         f"targets={args.target_regex or ','.join(targets)}")
+         + (f"lowrank={config.lowrank}, " if config.lowrank else "")
+         + f"targets={args.target_regex or ','.join(targets)}")
     calibration = None
     if texts:
         from .convert.calibrate import text_batches
@@ -291,7 +297,7 @@ def _convert(args: argparse.Namespace) -> int:
     try:
         report = monarchify(
             model, config.nblocks, targets=config.targets, rank=config.rank, init=config.init,
-            min_features=config.min_features, exclude=config.exclude,
+            lowrank=config.lowrank, min_features=config.min_features, exclude=config.exclude,
             progress=not args.no_progress, calibration=calibration,
             calibration_steps=args.calibration_steps,
         )

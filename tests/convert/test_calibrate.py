@@ -20,7 +20,7 @@ from monarch_matrices.convert.calibrate import (
 )
 from monarch_matrices.convert.calibration_text import CALIBRATION_SENTENCES, calibration_texts
 from monarch_matrices.convert.measure import SENTENCES
-from monarch_matrices.nn import MonarchLinear
+from monarch_matrices.nn import MonarchLinear, MonarchLowRankLinear
 
 
 def _mlp(seed: int = 0) -> nn.Module:
@@ -64,6 +64,34 @@ def test_calibration_beats_projection_layer_by_layer_and_end_to_end(sequential):
     assert "output error" in report.table() and "calibrated" in report.table()
     totals = report.to_dict()["totals"]
     assert totals["mean_output_error_after"] == report.mean_output_error("after")
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_a_lowrank_term_keeps_more_of_the_function(sequential):
+    dense = _mlp()
+    batches = _batches()
+    plain = _convert(copy.deepcopy(dense), calibration=batches, sequential=sequential)
+    report = _convert(copy.deepcopy(dense), calibration=batches, sequential=sequential, lowrank=4)
+    assert report.config["lowrank"] == 4
+    for e, p in zip(report.layers, plain.layers):
+        layer = report.model.get_submodule(e.name)
+        assert isinstance(layer, MonarchLowRankLinear) and layer.lowrank == 4
+        assert e.output_error_after <= e.output_error_before  # never worse than its start
+        assert e.output_error_after < p.output_error_after  # and better than Monarch alone
+        assert e.params_after == p.params_after + 4 * (e.in_features + e.out_features)
+    assert _out_error(dense, report.model, batches) < 0.8 * _out_error(dense, plain.model, batches)
+    # without calibration: the Frobenius term on top of the projection
+    frob = _convert(copy.deepcopy(dense), lowrank=4)
+    proj = _convert(copy.deepcopy(dense))
+    for e, p in zip(frob.layers, proj.layers):
+        assert e.projection_error < p.projection_error
+
+
+def test_lowrank_that_does_not_fit_is_skipped_and_named():
+    with pytest.raises(ConversionError, match=r"3 × lowrank=40 exceeds min\(in, out\)=32"):
+        _convert(_mlp(), lowrank=40)  # 32 -> 64, 64 -> 32 and 32 -> 48 hold rank <= 32
+    with pytest.raises(ValueError, match="lowrank=-1"):
+        _convert(_mlp(), lowrank=-1)
 
 
 def test_first_layer_error_is_measured_on_its_inputs():
@@ -221,6 +249,20 @@ def test_cli_calibrate_on_a_tiny_model(tiny_text_model, tmp_path, capsys):
     assert len(layers) == 6
     assert all(e["output_error_after"] <= e["output_error_before"] for e in layers)
     assert report["conversion"]["config"]["calibration"]["match_dense"] is True
+
+    out = tmp_path / "lowrank"
+    code = main(["convert", str(tiny_text_model), "--out", str(out), "--repeats", "0",
+                 "--no-progress", "--min-features", "32", "--calibrate", "24",
+                 "--calibration-data", str(data), "--calibration-steps", "3", "--lowrank", "2"])
+    assert code == EXIT_OK, capsys.readouterr().out
+    with_term = json.loads((out / "report.json").read_text())["conversion"]
+    assert with_term["config"]["lowrank"] == 2
+    assert all(e["output_error_after"] < p["output_error_after"]
+               for e, p in zip(with_term["layers"], layers))
+    from monarch_matrices.convert import load_monarch
+
+    model = load_monarch(out)
+    assert sum(isinstance(m, MonarchLowRankLinear) for m in model.modules()) == 6
 
 
 def test_cli_calibration_usage_errors(tiny_text_model, tmp_path, capsys):

@@ -15,6 +15,7 @@ from monarch_matrices.convert import MonarchifyConfig
         ({"nblocks": True}, TypeError, "nblocks must be an int"),
         ({"rank": 0}, ValueError, "rank=0"),
         ({"min_features": -1}, ValueError, "min_features=-1"),
+        ({"lowrank": -1}, ValueError, "lowrank=-1"),
         ({"init": "svd"}, ValueError, "init='svd' is not one of 'project', 'random'"),
         ({"targets": ""}, ValueError, "matches nothing"),
         ({"targets": []}, ValueError, "matches nothing"),
@@ -37,6 +38,7 @@ def test_to_dict_is_json_ready():
         "targets": ["mlp", "c_attn"],
         "rank": None,
         "init": "project",
+        "lowrank": 0,
         "min_features": 128,
         "exclude": [],
     }

@@ -18,7 +18,7 @@ from monarch_matrices.convert import (
     save_monarch,
 )
 from monarch_matrices.convert import io as convert_io
-from monarch_matrices.nn import MonarchLinear
+from monarch_matrices.nn import MonarchLinear, MonarchLowRankLinear
 
 
 def test_transformers_round_trip_is_bit_for_bit_and_offline(family, tmp_path):
@@ -59,6 +59,21 @@ def test_plain_model_loads_into_its_dense_architecture(tmp_path):
         load_monarch(tmp_path / "m")
     loaded = load_monarch(tmp_path / "m", model=build())
     assert loaded[2].bias is None and loaded[0].rank == 2 and loaded[0].w1.dtype == torch.bfloat16
+    assert torch.equal(loaded(x), model(x))
+
+
+def test_monarch_lowrank_layers_round_trip(tmp_path):
+    def build() -> nn.Module:
+        return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))
+
+    model = build()
+    monarchify(model, targets="all", min_features=1, lowrank=3)
+    save_monarch(model, tmp_path / "m")
+    spec = read_manifest(tmp_path / "m")["layers"]["0"]
+    assert spec["type"] == "MonarchLowRankLinear" and spec["lowrank"] == 3
+    loaded = load_monarch(tmp_path / "m", model=build())
+    assert isinstance(loaded[0], MonarchLowRankLinear) and loaded[0].lowrank == 3
+    x = torch.randn(5, 64)
     assert torch.equal(loaded(x), model(x))
 
 

@@ -35,8 +35,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..nn import MonarchLinear
-from ..ops import project_calibrated
+from ..nn import MonarchLinear, MonarchLowRankLinear
+from ..ops import fit_lowrank, project_calibrated
 from .config import ConversionError
 from .match import dense_features, dense_weight
 
@@ -339,7 +339,9 @@ def calibrate_layer(
     """Refit ``projected`` (the projection of the dense ``layer``) on ``stats``, in place.
 
     A layer with a bias fits the centred statistics and then moves its bias so
-    the mean output matches too: ``b' = b + W μ_t − M μ``.
+    the mean output matches too: ``b' = b + W μ_t − M μ``.  A
+    :class:`~monarch_matrices.nn.MonarchLowRankLinear` then gets the rank-``r``
+    term that best completes the fitted Monarch part on the same statistics.
     """
     weight = dense_weight(layer).detach()
     bias = layer.bias
@@ -354,6 +356,11 @@ def calibrate_layer(
     )
     projected.w1.copy_(res.w1)
     projected.w2.copy_(res.w2)
+    if isinstance(projected, MonarchLowRankLinear):  # then the best B A given the new M
+        term = fit_lowrank(weight.to(torch.float64), projected.monarch_dense().double(),
+                           projected.lowrank, fit.gram, cross=fit.cross, damping=damping)
+        projected.lowrank_a.copy_(term.a)
+        projected.lowrank_b.copy_(term.b)
     dense = projected.to_dense().detach()
     shift = zero
     if bias is not None:
@@ -362,8 +369,11 @@ def calibrate_layer(
         projected.bias.copy_(bias.detach().double() + shift)
     after = _output_error(weight, dense, shift, stats)
     if after > before:  # cannot happen in exact arithmetic; never return a worse layer
-        fallback = MonarchLinear.from_dense(weight, None if bias is None else bias.detach(),
-                                            nblocks=projected.nblocks, rank=projected.rank)
+        lowrank = isinstance(projected, MonarchLowRankLinear)
+        extra = {"lowrank": projected.lowrank} if lowrank else {}
+        fallback = type(projected).from_dense(weight, None if bias is None else bias.detach(),
+                                              nblocks=projected.nblocks, rank=projected.rank,
+                                              **extra)
         projected.load_state_dict(fallback.state_dict())
         after = before
     return CalibrationResult(name, before, after, stats.count)

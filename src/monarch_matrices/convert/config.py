@@ -52,6 +52,7 @@ class MonarchifyConfig:
     targets: Targets = ("mlp", "attention")  # see monarch_matrices.convert.match
     rank: int | None = None  # channels per slice; None = the paper's middle width
     init: Init = "project"  # "project": nearest Monarch to the dense weight; "random": fresh
+    lowrank: int = 0  # rank of a term added to every Monarch layer; 0 = pure Monarch
     min_features: int = 128  # skip layers with min(in, out) below this: too small to gain
     exclude: tuple[str, ...] = field(default=())  # exact names or dotted suffixes to keep dense
 
@@ -59,6 +60,7 @@ class MonarchifyConfig:
         _check_int("nblocks", self.nblocks, 1)
         if self.rank is not None:
             _check_int("rank", self.rank, 1)
+        _check_int("lowrank", self.lowrank, 0)
         _check_int("min_features", self.min_features, 0)
         if self.init not in INITS:
             raise ValueError(f"init={self.init!r} is not one of {', '.join(map(repr, INITS))}")
@@ -87,6 +89,7 @@ class MonarchifyConfig:
             "targets": targets,
             "rank": self.rank,
             "init": self.init,
+            "lowrank": self.lowrank,
             "min_features": self.min_features,
             "exclude": list(self.exclude),
         }

@@ -33,7 +33,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from .. import __version__
-from ..nn import BlockdiagLinear, MonarchLinear
+from ..nn import BlockdiagLinear, MonarchLinear, MonarchLowRankLinear
 from ..nn._common import StructuredLinear
 from .match import dense_features, is_dense_layer
 from .replace import REPLACED_ATTR
@@ -54,6 +54,7 @@ FORMAT = "monarch-matrices"
 FORMAT_VERSION = 1
 _LAYER_TYPES: dict[str, type[StructuredLinear]] = {
     "MonarchLinear": MonarchLinear,
+    "MonarchLowRankLinear": MonarchLowRankLinear,
     "BlockdiagLinear": BlockdiagLinear,
 }
 
@@ -123,6 +124,8 @@ def _layer_spec(layer: StructuredLinear) -> dict[str, Any]:
     }
     if isinstance(layer, MonarchLinear):
         spec["rank"] = layer.rank
+    if isinstance(layer, MonarchLowRankLinear):
+        spec["lowrank"] = layer.lowrank
     return spec
 
 
@@ -330,8 +333,14 @@ def load_monarch(
         if cls is None:
             raise ValueError(f"{path}: unknown layer type {spec['type']!r} for {name!r}")
         kwargs: dict[str, Any] = {"bias": spec["bias"], "nblocks": spec["nblocks"]}
-        if cls is MonarchLinear:
+        if issubclass(cls, MonarchLinear):
             kwargs["rank"] = spec.get("rank")
+        if cls is MonarchLowRankLinear:
+            lowrank = spec.get("lowrank")
+            if isinstance(lowrank, bool) or not isinstance(lowrank, int) or lowrank < 1:
+                raise ValueError(f"{path}: layer {name!r} needs an int lowrank >= 1 in the "
+                                 f"manifest, got {lowrank!r}")
+            kwargs["lowrank"] = lowrank
         some = next(old.parameters(), None)
         new = cls(
             in_f,

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..nn import MonarchLinear
+from ..nn import MonarchLinear, MonarchLowRankLinear
 from ..nn._common import StructuredLinear
 from ..ops import monarch_shape
 from .config import ConversionError, Init, MonarchifyConfig, Targets
@@ -33,7 +33,12 @@ REPLACED_ATTR = "replaced_type"
 
 
 def monarchify_layer(
-    layer: nn.Module, *, nblocks: int = 4, rank: int | None = None, init: Init = "project"
+    layer: nn.Module,
+    *,
+    nblocks: int = 4,
+    rank: int | None = None,
+    init: Init = "project",
+    lowrank: int = 0,
 ) -> MonarchLinear:
     """A :class:`~monarch_matrices.nn.MonarchLinear` standing in for one dense layer.
 
@@ -41,12 +46,16 @@ def monarchify_layer(
     (closed form, Frobenius norm) and keeps its bias; ``init="random"`` starts
     fresh, for training from scratch.  The new layer lives on the old one's
     device and dtype and keeps its training mode and ``requires_grad``; the
-    layer passed in is not modified.
+    layer passed in is not modified.  ``lowrank=r > 0`` builds a
+    :class:`~monarch_matrices.nn.MonarchLowRankLinear` instead, its rank-``r``
+    term the truncated SVD of what the projection misses (zero at random init).
     """
     if not is_dense_layer(layer):
         raise TypeError(f"expected nn.Linear or transformers' Conv1D, got {type(layer).__name__}")
     in_f, out_f = dense_features(layer)
     weight, bias = dense_weight(layer), layer.bias
+    cls = MonarchLowRankLinear if lowrank else MonarchLinear
+    extra = {"lowrank": lowrank} if lowrank else {}
     if init == "project":
         if weight.is_meta:
             raise ConversionError(
@@ -54,14 +63,15 @@ def monarchify_layer(
                 "use init='random' to count shapes and parameters"
             )
         with torch.no_grad():
-            new = MonarchLinear.from_dense(
+            new = cls.from_dense(
                 weight.detach(),
                 None if bias is None else bias.detach(),
                 nblocks=nblocks,
                 rank=rank,
+                **extra,
             )
     elif init == "random":
-        new = MonarchLinear(
+        new = cls(
             in_f,
             out_f,
             bias=bias is not None,
@@ -69,12 +79,14 @@ def monarchify_layer(
             rank=rank,
             device=weight.device,
             dtype=weight.dtype,
+            **extra,
         )
         new.projection_error = None
     else:
         raise ValueError(f"init={init!r} is not one of 'project', 'random'")
-    new.w1.requires_grad_(weight.requires_grad)
-    new.w2.requires_grad_(weight.requires_grad)
+    for name, p in new.named_parameters():
+        if name != "bias":
+            p.requires_grad_(weight.requires_grad)
     if bias is not None:
         new.bias.requires_grad_(bias.requires_grad)
     setattr(new, REPLACED_ATTR, type(layer).__name__)
@@ -148,8 +160,10 @@ def _plan(
                 continue
             if min(in_f, out_f) < config.min_features:
                 skip(f"smaller than min_features={config.min_features}")
-            elif shape.num_params >= in_f * out_f:
-                skip(f"Monarch would not save parameters ({shape.num_params} >= {in_f * out_f})")
+            elif config.lowrank > min(in_f, out_f):
+                skip(f"lowrank={config.lowrank} exceeds min(in, out)={min(in_f, out_f)}")
+            elif (n := shape.num_params + config.lowrank * (in_f + out_f)) >= in_f * out_f:
+                skip(f"Monarch would not save parameters ({n} >= {in_f * out_f})")
             else:
                 plan.append((name, module))
     return plan, skipped
@@ -176,6 +190,7 @@ def monarchify(
     targets: Targets = ("mlp", "attention"),
     rank: int | None = None,
     init: Init = "project",
+    lowrank: int = 0,
     min_features: int = 128,
     exclude: Sequence[str] = (),
     inplace: bool = True,
@@ -200,6 +215,11 @@ def monarchify(
         init: ``"project"`` (nearest Monarch matrix: dense-to-sparse fine-tuning)
             or ``"random"`` (fresh layers: training from scratch; works on the
             meta device, so architectures can be sized without memory).
+        lowrank: add a rank-``lowrank`` term to every layer
+            (:class:`~monarch_matrices.nn.MonarchLowRankLinear`), fitted to what
+            the Monarch part misses: in Frobenius norm, or with ``calibration``
+            on the layer's activations (:func:`~monarch_matrices.ops.fit_lowrank`).
+            A few percent more parameters keep much more of the function.
         min_features: layers with ``min(in, out)`` below this stay dense (too
             small for the structure to pay off); they are listed as skipped.
         exclude: names or dotted suffixes that stay dense.
@@ -234,7 +254,7 @@ def monarchify(
             the model is unchanged.
     """
     config = MonarchifyConfig(
-        nblocks=nblocks, targets=targets, rank=rank, init=init,
+        nblocks=nblocks, targets=targets, rank=rank, init=init, lowrank=lowrank,
         min_features=min_features, exclude=tuple(exclude),
     )
     if not isinstance(model, nn.Module):
@@ -277,7 +297,8 @@ def monarchify(
     params_before, flops_before = _num_params(model), _linear_flops(model)
     built: list[tuple[str, nn.Module, MonarchLinear]] = []
     for name, module in tqdm(plan, desc="monarchify", unit="layer", disable=not progress):
-        new = monarchify_layer(module, nblocks=config.nblocks, rank=config.rank, init=config.init)
+        new = monarchify_layer(module, nblocks=config.nblocks, rank=config.rank, init=config.init,
+                               lowrank=config.lowrank)
         built.append((name, module, new))
 
     calibrated: dict[str, Any] = {}
