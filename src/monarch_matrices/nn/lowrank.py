@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import fit_lowrank, monarch_multiply, project
-from ._common import check_bias
+from ..ops import fit_lowrank, monarch_multiply
 from .linear import MonarchLinear
 
 __all__ = ["MonarchLowRankLinear"]
@@ -111,19 +110,15 @@ class MonarchLowRankLinear(MonarchLinear):
         ``W − M`` (:func:`~monarch_matrices.ops.fit_lowrank`).  The relative
         error ``‖W − M − B A‖_F / ‖W‖_F`` is stored as ``projection_error``.
         """
+        plain = MonarchLinear.from_dense(weight, bias, nblocks=nblocks, rank=rank)
         out_f, in_f = weight.shape
-        check_bias(bias, out_f)
         layer = cls(in_f, out_f, bias=bias is not None, nblocks=nblocks, lowrank=lowrank,
                     rank=rank, device=weight.device, dtype=weight.dtype)
-        result = project(weight, nblocks=nblocks, rank=rank)
         with torch.no_grad():
-            layer.w1.copy_(result.w1)
-            layer.w2.copy_(result.w2)
-            fit = fit_lowrank(weight, layer.monarch_dense(), lowrank)
+            layer.load_state_dict(plain.state_dict(), strict=False)  # w1, w2, bias
+            fit = fit_lowrank(weight, plain.to_dense(), lowrank)
             layer.lowrank_a.copy_(fit.a)
             layer.lowrank_b.copy_(fit.b)
-            if bias is not None:
-                layer.bias.copy_(bias)
             err = (weight.double() - layer.to_dense().double()).norm()
             layer.projection_error = float(err / weight.double().norm().clamp(min=1e-300))
         return layer
