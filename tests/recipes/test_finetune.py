@@ -48,7 +48,11 @@ def reviews(tmp_path):
 
 @pytest.mark.parametrize("variant", [["--layers", "dense"], ["--init", "project"],
                                      ["--init", "random"],
-                                     ["--init", "calibrated", "--calibrate", "40"]])
+                                     ["--init", "calibrated", "--calibrate", "40"],
+                                     ["--init", "calibrated", "--calibrate", "40",
+                                      "--lowrank", "4"],
+                                     ["--init", "calibrated", "--calibrate", "40",
+                                      "--lowrank", "0"]])
 def test_each_variant_trains_and_reports(tmp_path, tiny_model, reviews, variant):
     m = train("finetune", tmp_path / "run", "--model", str(tiny_model), "--data", str(reviews),
               "--text-column", "review", "--label-column", "mood", "--labels", "neg,pos",
@@ -67,6 +71,8 @@ def test_each_variant_trains_and_reports(tmp_path, tiny_model, reviews, variant)
         assert (conv["mean_projection_error"] is None) == (variant[1] == "random")
         assert conv["calibration_texts"] == (40 if variant[1] == "calibrated" else None)
         assert conv["seconds"] > 0
+        lowrank = int(variant[variant.index("--lowrank") + 1]) if "--lowrank" in variant else 8
+        assert conv["lowrank"] == (lowrank or None)  # rank 8 by default
 
 
 @pytest.mark.parametrize("init", ["project", "calibrated"])
@@ -107,6 +113,9 @@ def test_calibrate_needs_the_calibrated_start(tmp_path, tiny_model, reviews):
     rc = main(["train", "finetune", "--out", str(tmp_path / "run"), "--model", str(tiny_model),
                "--data", str(reviews), "--text-column", "review", "--label-column", "mood",
                "--labels", "neg,pos", "--init", "project", "--calibrate", "40"])
+    assert rc == 2 and not (tmp_path / "run" / "metrics.json").exists()
+    rc = main(["train", "finetune", "--out", str(tmp_path / "run"), "--model", str(tiny_model),
+               "--data", str(reviews), "--layers", "dense", "--lowrank", "4"])
     assert rc == 2 and not (tmp_path / "run" / "metrics.json").exists()
 
 
