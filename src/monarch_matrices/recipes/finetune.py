@@ -18,7 +18,7 @@ downstream task.  Four runs make the comparison:
 Every Monarch variant adds a rank-8 term to each layer by default
 (:class:`~monarch_matrices.nn.MonarchLowRankLinear`; ``--lowrank R``, 0 for
 pure Monarch), fitted to what the Monarch part misses on the same
-calibration activations: it costs 2% of MiniLM's parameters and about 5% of
+calibration activations: it costs 2% of MiniLM's parameters and 5–10% of
 a Monarch step, and closes part of the gap to dense (docs/results.md).
 
 Every variant runs at the same default learning rate (1e-4, the calibrated
