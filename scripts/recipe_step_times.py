@@ -65,8 +65,9 @@ def vision_case(args):
 
 def finetune_case(args):
     from monarch_matrices.recipes.data import load_labelled_text
-    from monarch_matrices.recipes.finetune import build_model, collate, tokenize
+    from monarch_matrices.recipes.finetune import build_model, check_arguments, collate, tokenize
 
+    check_arguments(args)  # fills in the Monarch defaults (--lowrank) before both builds
     labels = tuple(args.labels.split(","))
     data = load_labelled_text(args.data, text_column=args.text_column,
                               label_column=args.label_column, labels=labels)

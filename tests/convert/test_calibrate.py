@@ -94,6 +94,29 @@ def test_lowrank_that_does_not_fit_is_skipped_and_named():
         _convert(_mlp(), lowrank=-1)
 
 
+@pytest.mark.parametrize("lowrank", [0, 4])
+def test_a_worse_solver_result_falls_back_to_the_projection(monkeypatch, lowrank):
+    """The guard in calibrate_layer: a fit worse than its start is never returned."""
+    import monarch_matrices.convert.calibrate as calibrate_module
+
+    real = calibrate_module.project_calibrated
+
+    def broken(*args, **kwargs):
+        res = real(*args, **kwargs)
+        return res._replace(w1=-3 * res.w1)  # -3 M: far worse than M
+
+    monkeypatch.setattr(calibrate_module, "project_calibrated", broken)
+    dense = _mlp()
+    report = _convert(copy.deepcopy(dense), calibration=_batches(), lowrank=lowrank)
+    projected = _convert(copy.deepcopy(dense), lowrank=lowrank).model
+    for e in report.layers:
+        assert e.output_error_after == e.output_error_before
+        got, want = report.model.get_submodule(e.name), projected.get_submodule(e.name)
+        assert type(got) is type(want)
+        for (k, v), (k2, v2) in zip(got.state_dict().items(), want.state_dict().items()):
+            assert k == k2 and torch.equal(v, v2)
+
+
 def test_first_layer_error_is_measured_on_its_inputs():
     dense = _mlp()
     batches = _batches()

@@ -27,8 +27,6 @@ def _case(kind: str, dtype=F64, rank: int = 3, tokens=(2, 5), seed: int = 0):
     (k, q, p), (l, s, r) = SHAPES[kind]
 
     def rand(*shape):
-        if dtype.is_complex:
-            return torch.randn(*shape, dtype=dtype, generator=gen)
         return torch.randn(*shape, generator=gen, dtype=dtype)
 
     return (rand(*tokens, k * p), rand(k, q, p), rand(l, s, r), rand(s * l),

@@ -7,8 +7,9 @@ import torch
 from tests.recipes.helpers import COMMON, LM_TINY, train
 
 from monarch_matrices.cli import main
+from monarch_matrices.nn import MonarchLowRankLinear
 from monarch_matrices.recipes.common import make_optimizer
-from monarch_matrices.recipes.layers import MonarchLowRankLinear, densify_training, make_linear
+from monarch_matrices.recipes.layers import densify_training, make_linear
 from monarch_matrices.recipes.lm import GPT, GPTConfig
 
 

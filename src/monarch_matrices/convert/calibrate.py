@@ -39,6 +39,7 @@ from ..nn import MonarchLinear, MonarchLowRankLinear
 from ..ops import fit_lowrank, project_calibrated
 from .config import ConversionError
 from .match import dense_features, dense_weight
+from .replace import monarchify_layer
 
 __all__ = [
     "CalibrationResult",
@@ -369,11 +370,8 @@ def calibrate_layer(
         projected.bias.copy_(bias.detach().double() + shift)
     after = _output_error(weight, dense, shift, stats)
     if after > before:  # cannot happen in exact arithmetic; never return a worse layer
-        lowrank = isinstance(projected, MonarchLowRankLinear)
-        extra = {"lowrank": projected.lowrank} if lowrank else {}
-        fallback = type(projected).from_dense(weight, None if bias is None else bias.detach(),
-                                              nblocks=projected.nblocks, rank=projected.rank,
-                                              **extra)
+        fallback = monarchify_layer(layer, nblocks=projected.nblocks, rank=projected.rank,
+                                    lowrank=getattr(projected, "lowrank", 0))
         projected.load_state_dict(fallback.state_dict())
         after = before
     return CalibrationResult(name, before, after, stats.count)

@@ -219,7 +219,8 @@ def monarchify(
             (:class:`~monarch_matrices.nn.MonarchLowRankLinear`), fitted to what
             the Monarch part misses: in Frobenius norm, or with ``calibration``
             on the layer's activations (:func:`~monarch_matrices.ops.fit_lowrank`).
-            A few percent more parameters keep much more of the function.
+            Never worse than the Monarch part alone; how much it buys depends on
+            how concentrated the Monarch error is (docs/convert.md).
         min_features: layers with ``min(in, out)`` below this stay dense (too
             small for the structure to pay off); they are listed as skipped.
         exclude: names or dotted suffixes that stay dense.

@@ -18,9 +18,10 @@ class MonarchLowRankLinear(MonarchLinear):
     r"""Applies ``y = x (M + B A)ᵀ + b``: a Monarch matrix plus a rank-``lowrank`` term.
 
     The low-rank term reaches the global directions the block structure cannot:
-    the paper's S2D runs train "Monarch + low-rank" before densifying, and
-    converting a pretrained layer keeps much more of its function with a small
-    one (:func:`~monarch_matrices.ops.fit_lowrank`; :meth:`from_dense`).
+    the paper's S2D runs train "Monarch + low-rank" before densifying, and D2S
+    fine-tuning gains from it as trainable capacity (docs/results.md);
+    :meth:`from_dense` fits it to what the projection misses
+    (:func:`~monarch_matrices.ops.fit_lowrank`).
     ``lowrank=8`` on a 384 → 1536 layer adds 5% to the Monarch parameters.
 
     Args:

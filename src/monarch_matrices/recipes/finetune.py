@@ -231,7 +231,6 @@ def build_model(args: argparse.Namespace, num_labels: int,
     if args.layers == "monarch":
         targets = [t.strip() for t in args.targets.split(",") if t.strip()]
         init = "random" if args.init == "random" else "project"
-        lowrank = DEFAULT_LOWRANK if args.lowrank is None else args.lowrank
         try:
             calibration = None
             if calibration_texts:
@@ -240,7 +239,7 @@ def build_model(args: argparse.Namespace, num_labels: int,
                 calibration = text_batches(tokenizer, list(calibration_texts),
                                            max_length=args.max_length)
             report = monarchify(encoder, args.nblocks, targets=targets, init=init,
-                                lowrank=lowrank, calibration=calibration, progress=progress)
+                                lowrank=args.lowrank, calibration=calibration, progress=progress)
         except (ConversionError, TypeError, ValueError) as e:
             raise RunError(str(e)) from None
     hidden = encoder.config.hidden_size

@@ -24,7 +24,6 @@ from .common import RunError, fraction, positive_int
 
 __all__ = [
     "LAYER_KINDS",
-    "MonarchLowRankLinear",
     "add_layer_arguments",
     "check_layer_arguments",
     "densify_training",
