@@ -222,6 +222,48 @@ def test_input_stats_centering_matches_the_definition():
     assert s.count == 50 and torch.allclose(s.mean, x.mean(0))
 
 
+def test_constant_features_centre_to_exact_zeros():
+    x = torch.randn(300, 5) * 3 + 1
+    x[:, 1] = 0.1  # one float32 value: Σx² − (Σx)²/n is pure rounding, maybe negative
+    x[:, 3] = 0.0
+    s = InputStats.zeros(5)
+    for part in x.split(64):
+        s.add(part.double())
+    g = s.centered_gram()
+    assert (g[1] == 0).all() and (g[:, 1] == 0).all() and (g[3] == 0).all()
+    assert (g.diagonal()[[0, 2, 4]] > 0).all()
+    assert torch.linalg.eigvalsh(g).min() > -1e-9 * g.diagonal().max()
+
+
+@pytest.mark.parametrize("lowrank", [0, 4])
+@pytest.mark.parametrize("sequential", [True, False])
+def test_a_layer_with_constant_inputs_calibrates_and_keeps_its_function(sequential, lowrank):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32)).eval()
+    with torch.no_grad():  # the second layer sees the same input at every token
+        model[0].weight.zero_()
+        model[0].bias.uniform_(0.1, 1.0)
+    batches = _batches()
+    ref = model(batches[0]).detach()
+    report = _convert(model, calibration=batches, sequential=sequential, lowrank=lowrank)
+    assert isinstance(model[2], MonarchLowRankLinear if lowrank else MonarchLinear)
+    with torch.no_grad():  # the moved bias alone restores a constant input's output
+        assert torch.allclose(model(batches[0]), ref, atol=1e-5)
+    (row,) = [e for e in report.layers if e.name == "2"]
+    assert row.output_error_after <= row.output_error_before + 1e-12
+
+
+def test_a_layer_whose_inputs_are_all_zero_keeps_the_projection():
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32, bias=False)).eval()
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].bias.fill_(-1.0)  # ReLU: exactly zero inputs, gram = 0
+    projected = copy.deepcopy(model)
+    _convert(projected)
+    _convert(model, calibration=_batches(), lowrank=0)
+    assert torch.equal(model[2].w1, projected[2].w1) and torch.equal(model[2].w2, projected[2].w2)
+
+
 def test_builtin_calibration_text_is_disjoint_from_the_fidelity_sentences():
     assert len(CALIBRATION_SENTENCES) == len(set(CALIBRATION_SENTENCES)) == 512
     assert not set(CALIBRATION_SENTENCES) & set(SENTENCES)

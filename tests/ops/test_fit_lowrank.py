@@ -96,3 +96,10 @@ def test_dtype_and_bad_input():
     bad[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         fit_lowrank(W, M, 3, bad)
+
+
+def test_an_all_zero_gram_falls_back_to_the_frobenius_fit():
+    W, M, _ = _case()
+    zero = torch.zeros(W.shape[1], W.shape[1], dtype=F64)
+    fit, plain = fit_lowrank(W, M, 3, zero), fit_lowrank(W, M, 3)
+    assert torch.allclose(fit.b @ fit.a, plain.b @ plain.a)

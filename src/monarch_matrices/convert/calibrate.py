@@ -93,23 +93,38 @@ class InputStats:
         return self.total / max(self.count, 1)
 
     def centered(self) -> InputStats:
-        """The same sums about the means: what a layer with a free bias should fit."""
+        """The same sums about the means: what a layer with a free bias should fit.
+
+        A feature that is constant over the calibration tokens has exactly zero
+        variance, but ``Σ x² − (Σ x)²/n`` leaves rounding there (possibly
+        negative); such features (centred diagonal at most ``1e-9`` of the raw
+        one) get exact zero rows and columns, so the sums stay a Gram matrix.
+        """
         n = max(self.count, 1)
 
         def center(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             return g - torch.outer(a, b) / n
 
+        def constant(raw: torch.Tensor, centred: torch.Tensor) -> torch.Tensor:
+            return centred.diagonal() <= 1e-9 * raw.diagonal()
+
         gram = center(self.gram, self.total, self.total)
         gram = 0.5 * (gram + gram.T)
+        flat = constant(self.gram, gram)
+        gram[flat, :] = 0
+        gram[:, flat] = 0
         zero = torch.zeros_like(self.total)
         if self.cross is None:
             return InputStats(gram, zero, self.count)
         target = center(self.target_gram, self.target_total, self.target_total)
-        return InputStats(
-            gram, zero, self.count,
-            center(self.cross, self.target_total, self.total),
-            0.5 * (target + target.T), zero,
-        )
+        target = 0.5 * (target + target.T)
+        flat_t = constant(self.target_gram, target)
+        target[flat_t, :] = 0
+        target[:, flat_t] = 0
+        cross = center(self.cross, self.target_total, self.total)
+        cross[flat_t, :] = 0
+        cross[:, flat] = 0
+        return InputStats(gram, zero, self.count, cross, target, zero)
 
     def centered_gram(self) -> torch.Tensor:
         """``Σ (x − μ)(x − μ)ᵀ``."""

@@ -86,6 +86,11 @@ def fit_lowrank(
         if cross is not None:
             raise ValueError("cross needs gram")
         resid = w - m
+    elif not float(gram.double().diagonal().sum()) > 0:
+        # Inputs that are all zero (or constant, once centred): every term is
+        # equally good on them, so take the Frobenius one, as project_calibrated does.
+        check_gram(gram, in_f)
+        resid = w - m
     else:
         chol, resid = _weighted_residual(w, m, gram, cross, damping)
     u, s, vh = torch.linalg.svd(resid, full_matrices=False)
