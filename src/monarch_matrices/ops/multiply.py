@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from .memory import empty_huge
+from .permute import deinterleave_, interleave_
 from .reference import monarch_multiply_bmm
 from .shapes import check_factors
 
@@ -69,17 +71,18 @@ def _forward_chunks(
     k, q, p = w1.shape
     l, s, r = w2.shape
     n_tokens = x.shape[0]
-    y = x.new_empty(n_tokens, s * l)
+    y = empty_huge(x, n_tokens, s * l)  # whole-batch buffers on huge pages: fewer faults
     chunk = chunk_tokens(n_tokens, k * q, s * l, x.dtype, x.device)
-    mid = x.new_empty(n_tokens if keep_middle else chunk, l, r)
+    mid = empty_huge(x, n_tokens, l, r) if keep_middle else x.new_empty(chunk, l, r)
     fused = lowrank is not None and q % l == 0
     if fused:  # a rides in the first GEMM, as R extra rows of every w1 block
         w1 = _with_lowrank_rows(w1, lowrank[0])
     h = x.new_empty(chunk, k, w1.shape[1])
     z = x.new_empty(chunk, l, s)
     w1t, w2t = w1.transpose(1, 2), w2.transpose(1, 2)
-    # the bias in z's layout: added to the contiguous GEMM output in cache, before
-    # the interleaving copy (an add that reads the permuted view is ~4x slower in bf16)
+    # the bias in z's layout, for the PyTorch path: added to the contiguous GEMM output
+    # in cache, before the interleaving copy (an add that reads the permuted view is
+    # ~4x slower in bf16); the native kernel adds it while interleaving
     bias_ls = None if bias is None else bias.view(s, l).t().contiguous()
     t = None
     if lowrank is not None:
@@ -97,24 +100,25 @@ def _forward_chunks(
         if fused:
             # the stride permutation from the first q rows: with c = c1·l + v,
             # middle[b, v, a·(q/l) + c1] = h[b, a, c1·l + v]
-            mc.view(n, l, k, q // l).copy_(hc[:, :, :q].view(n, k, q // l, l).permute(0, 3, 1, 2))
+            deinterleave_(mc.view(n, l, k, q // l).transpose(1, 2),
+                          hc[:, :, :q].view(n, k, q // l, l))
             torch.sum(hc[:, :, q:], dim=1, out=tc)  # x aᵀ = Σ over input blocks
         else:
-            mc.copy_(hc.view(n, r, l).transpose(1, 2))  # stride permutation, in cache
+            deinterleave_(mc.view(n, 1, l, r), hc.view(n, 1, r, l))  # stride permutation
             if tc is not None:
                 torch.mm(x[start : start + n], lowrank[0].t(), out=tc)  # (n, R)
+        out_bias = None
         if tc is None:
             torch.bmm(mc.transpose(0, 1), w2t, out=zc.transpose(0, 1))  # (l, n, s)
-            if bias_ls is not None:
-                zc.add_(bias_ls)
+            out_bias = bias
         else:
             if bias_ls is None:
                 torch.mm(tc, b_ls, out=zc.view(n, l * s))
             else:
                 torch.addmm(bias_ls.view(-1), tc, b_ls, out=zc.view(n, l * s))
             zc.transpose(0, 1).baddbmm_(mc.transpose(0, 1), w2t)  # (l, n, s) += ...
-        # y[b, e·l + v] = z[b, v, e]: the output interleave
-        y[start : start + n].view(n, s, l).copy_(zc.transpose(1, 2))
+        # y[b, e·l + v] = z[b, v, e] (+ bias): the output interleave
+        interleave_(y[start : start + n].view(n, 1, s, l), zc.view(n, 1, l, s), out_bias, bias_ls)
     return y, (mid if keep_middle else None), chunk, (t if keep_lowrank else None)
 
 
@@ -166,7 +170,7 @@ class _MonarchMultiply(torch.autograd.Function):
         fused = lowrank and q % l == 0
         w1f = _with_lowrank_rows(w1, a) if fused else w1
         qf = w1f.shape[1]
-        grad_x = torch.empty_like(x) if need_x else None
+        grad_x = empty_huge(x, *x.shape) if need_x else None
         grad_w2 = torch.zeros_like(w2) if need_w2 else None
         grad_w1f = torch.zeros_like(w1f) if need_w1 or (fused and need_a) else None
         grad_a = torch.zeros_like(a) if need_a and not fused else None
@@ -183,7 +187,7 @@ class _MonarchMultiply(torch.autograd.Function):
             n = min(chunk, n_tokens - start)
             rows = slice(start, start + n)
             gzc, gmc, ghc = gz[:n], gm[:n], gh[:n]
-            gzc.copy_(grad_y[rows].view(n, s, l).transpose(1, 2))  # (n, l, s)
+            deinterleave_(gzc.view(n, 1, l, s), grad_y[rows].view(n, 1, s, l))  # (n, l, s)
             if lowrank:
                 gtc = gtt[:, :n]
                 torch.mm(bct, grad_y[rows].t(), out=gtc)  # (R, s·l) @ (s·l, n)
@@ -198,11 +202,11 @@ class _MonarchMultiply(torch.autograd.Function):
                 continue
             torch.bmm(gzc.transpose(0, 1), w2c, out=gmc.transpose(0, 1))  # (l, n, r)
             if fused:  # the inverse stride permutation into the first q rows, gt after
-                ghc[:, :, :q].view(n, k, q // l, l).copy_(
-                    gmc.view(n, l, k, q // l).permute(0, 2, 3, 1))
+                interleave_(ghc[:, :, :q].view(n, k, q // l, l),
+                            gmc.view(n, l, k, q // l).transpose(1, 2))
                 ghc[:, :, q:].copy_(gtc.t().unsqueeze(1))  # every block's a gets all of gt
             else:
-                ghc.view(n, r, l).copy_(gmc.transpose(1, 2))  # inverse stride permutation
+                interleave_(ghc.view(n, 1, r, l), gmc.view(n, 1, l, r))  # inverse stride perm.
             if grad_w1f is not None:
                 xc = x[rows].view(n, k, p).transpose(0, 1).conj()  # (k, n, p)
                 grad_w1f.baddbmm_(ghc.permute(1, 2, 0), xc)  # (k, qf, n) @ (k, n, p)

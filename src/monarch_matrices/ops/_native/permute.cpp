@@ -1,0 +1,213 @@
+// The two stride permutations of a Monarch multiply, as CPU kernels.
+//
+// A Monarch multiply on CPU is two batched GEMMs and two copies that move
+// `l` interleaved streams in or out of place (the middle stride permutation
+// and the output interleave). PyTorch's generic strided copy runs those with
+// an innermost dimension of `l` elements (4 for nblocks=4) at a fraction of
+// what the cache can deliver, and a bias added to a permuted view is slower
+// still. These loops have the group size `L` as a template constant so the
+// compiler turns them into vector shuffles, and add the bias in the same
+// pass. Results are bit-identical to `copy_` (and to `add_` for the bias:
+// reduced-precision adds are done in float and rounded once, as PyTorch does).
+//
+//   interleave_(dst, src, bias):  dst[i, j, e, v] = src[i, j, v, e] (+ bias[e*L + v])
+//   deinterleave_(dst, src):      dst[i, j, v, e] = src[i, j, e, v]
+//
+// with 4-D views (n1, n2, ., .): the two outer dims are any strides (token,
+// block), the inner (e, v) pair of the interleaved side is contiguous, and
+// the other side's rows are contiguous with any stride between the L rows.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+// Raw-bits helpers: the copies move bit patterns, only the bias needs arithmetic.
+inline float bf16_to_float(uint16_t b) {
+  uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even, as c10::BFloat16
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>(f != f ? 0x7FC0u : rounded);  // a select, so it vectorizes
+}
+
+template <typename T>
+struct Add {  // float, double: the add itself
+  static inline T apply(T a, T b) { return a + b; }
+};
+
+struct AddBF16 {
+  static inline uint16_t apply(uint16_t a, uint16_t b) {
+    return float_to_bf16(bf16_to_float(a) + bf16_to_float(b));
+  }
+};
+
+struct AddHalf {
+  static inline uint16_t apply(uint16_t a, uint16_t b) {
+    c10::Half x, y;
+    x.x = a;
+    y.x = b;
+    return c10::Half(static_cast<float>(x) + static_cast<float>(y)).x;
+  }
+};
+
+// One row: d[e*L + v] = s[v*sv + e] (+ bias). L > 0 is a compile-time group size;
+// L == 0 means "runtime l" (the generic fallback).
+template <int L, typename T, typename Op>
+inline void interleave_row(const T* __restrict s, int64_t sv, T* __restrict d,
+                           const T* __restrict bias, int64_t m, int64_t l_rt) {
+  const int64_t l = L > 0 ? L : l_rt;
+  for (int64_t e = 0; e < m; ++e) {
+#pragma GCC unroll 32
+    for (int64_t v = 0; v < l; ++v) d[e * l + v] = s[v * sv + e];
+  }
+  if (bias != nullptr) {  // a second pass over the row while it is in L1: both contiguous
+    for (int64_t i = 0; i < m * l; ++i) d[i] = Op::apply(d[i], bias[i]);
+  }
+}
+
+// One row: d[v*dv + e] = s[e*L + v].
+template <int L, typename T>
+inline void deinterleave_row(const T* __restrict s, T* __restrict d, int64_t dv, int64_t m,
+                             int64_t l_rt) {
+  const int64_t l = L > 0 ? L : l_rt;
+  for (int64_t e = 0; e < m; ++e) {
+#pragma GCC unroll 32
+    for (int64_t v = 0; v < l; ++v) d[v * dv + e] = s[e * l + v];
+  }
+}
+
+// Rows per task: enough elements that a task is worth waking a thread for.
+inline int64_t grain(int64_t row_elems) {
+  return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(row_elems, 1));
+}
+
+template <typename T, typename Op, int L>
+void interleave_impl(const torch::Tensor& dst, const torch::Tensor& src,
+                     const T* bias) {
+  const int64_t n1 = src.size(0), n2 = src.size(1), l = src.size(2), m = src.size(3);
+  const int64_t s1 = src.stride(0), s2 = src.stride(1), sv = src.stride(2);
+  const int64_t d1 = dst.stride(0), d2 = dst.stride(1);
+  const T* sp = reinterpret_cast<const T*>(src.data_ptr());
+  T* dp = reinterpret_cast<T*>(dst.data_ptr());
+  at::parallel_for(0, n1 * n2, grain(m * l), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t i = r / n2, j = r % n2;
+      interleave_row<L, T, Op>(sp + i * s1 + j * s2, sv, dp + i * d1 + j * d2, bias, m, l);
+    }
+  });
+}
+
+template <typename T, int L>
+void deinterleave_impl(const torch::Tensor& dst, const torch::Tensor& src) {
+  const int64_t n1 = dst.size(0), n2 = dst.size(1), l = dst.size(2), m = dst.size(3);
+  const int64_t s1 = src.stride(0), s2 = src.stride(1);
+  const int64_t d1 = dst.stride(0), d2 = dst.stride(1), dv = dst.stride(2);
+  const T* sp = reinterpret_cast<const T*>(src.data_ptr());
+  T* dp = reinterpret_cast<T*>(dst.data_ptr());
+  at::parallel_for(0, n1 * n2, grain(m * l), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t i = r / n2, j = r % n2;
+      deinterleave_row<L, T>(sp + i * s1 + j * s2, dp + i * d1 + j * d2, dv, m, l);
+    }
+  });
+}
+
+// Dispatch on the group size: the common nblocks get unrolled shuffles.
+template <typename F>
+void with_group_size(int64_t l, F&& f) {
+  switch (l) {
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    case 16: f(std::integral_constant<int, 16>{}); break;
+    case 32: f(std::integral_constant<int, 32>{}); break;
+    default: f(std::integral_constant<int, 0>{}); break;
+  }
+}
+
+void check_common(const torch::Tensor& dst, const torch::Tensor& src, const char* what) {
+  TORCH_CHECK(dst.device().is_cpu() && src.device().is_cpu(), what, ": CPU tensors only");
+  TORCH_CHECK(dst.dim() == 4 && src.dim() == 4, what, ": 4-D views expected, got ", src.dim(),
+              "-D and ", dst.dim(), "-D");
+  TORCH_CHECK(dst.scalar_type() == src.scalar_type(), what, ": dtypes differ (",
+              src.scalar_type(), " vs ", dst.scalar_type(), ")");
+  TORCH_CHECK(dst.size(0) == src.size(0) && dst.size(1) == src.size(1) &&
+                  dst.size(2) == src.size(3) && dst.size(3) == src.size(2),
+              what, ": dst must be src with the last two dims swapped, got ", src.sizes(),
+              " and ", dst.sizes());
+}
+
+}  // namespace
+
+void interleave_(torch::Tensor dst, torch::Tensor src, c10::optional<torch::Tensor> bias) {
+  check_common(dst, src, "interleave_");
+  const int64_t l = src.size(2), m = src.size(3);
+  TORCH_CHECK(src.stride(3) == 1 || m == 1, "interleave_: src rows must be contiguous");
+  TORCH_CHECK(dst.stride(3) == 1 && (dst.stride(2) == l || m == 1),
+              "interleave_: dst's last two dims must be contiguous");
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
+    TORCH_CHECK(bias->is_contiguous() && bias->numel() == l * m &&
+                    bias->scalar_type() == src.scalar_type() && bias->device().is_cpu(),
+                "interleave_: bias must be a contiguous CPU tensor of ", l * m,
+                " elements of the same dtype");
+  }
+  if (src.numel() == 0) return;
+  const void* bp = has_bias ? bias->data_ptr() : nullptr;
+  with_group_size(l, [&](auto L) {
+    constexpr int G = decltype(L)::value;
+    switch (src.scalar_type()) {
+      case at::kFloat:
+        interleave_impl<float, Add<float>, G>(dst, src, static_cast<const float*>(bp));
+        break;
+      case at::kDouble:
+        interleave_impl<double, Add<double>, G>(dst, src, static_cast<const double*>(bp));
+        break;
+      case at::kBFloat16:
+        interleave_impl<uint16_t, AddBF16, G>(dst, src, static_cast<const uint16_t*>(bp));
+        break;
+      case at::kHalf:
+        interleave_impl<uint16_t, AddHalf, G>(dst, src, static_cast<const uint16_t*>(bp));
+        break;
+      default:
+        TORCH_CHECK(false, "interleave_: unsupported dtype ", src.scalar_type());
+    }
+  });
+}
+
+void deinterleave_(torch::Tensor dst, torch::Tensor src) {
+  check_common(dst, src, "deinterleave_");
+  const int64_t l = dst.size(2), m = dst.size(3);
+  TORCH_CHECK(dst.stride(3) == 1 || m == 1, "deinterleave_: dst rows must be contiguous");
+  TORCH_CHECK(src.stride(3) == 1 && (src.stride(2) == l || m == 1),
+              "deinterleave_: src's last two dims must be contiguous");
+  if (src.numel() == 0) return;
+  with_group_size(l, [&](auto L) {
+    constexpr int G = decltype(L)::value;
+    switch (src.element_size()) {  // a pure copy: only the width of an element matters
+      case 8: deinterleave_impl<uint64_t, G>(dst, src); break;
+      case 4: deinterleave_impl<uint32_t, G>(dst, src); break;
+      case 2: deinterleave_impl<uint16_t, G>(dst, src); break;
+      default: TORCH_CHECK(false, "deinterleave_: unsupported dtype ", src.scalar_type());
+    }
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "Monarch stride permutations as vectorized CPU kernels";
+  m.def("interleave_", &interleave_, "dst[i,j,e,v] = src[i,j,v,e] (+ bias[e*l+v])",
+        py::arg("dst"), py::arg("src"), py::arg("bias") = py::none());
+  m.def("deinterleave_", &deinterleave_, "dst[i,j,v,e] = src[i,j,e,v]", py::arg("dst"),
+        py::arg("src"));
+}

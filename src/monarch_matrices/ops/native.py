@@ -1,0 +1,134 @@
+"""The optional C++ kernels (``_native/permute.cpp``): build, find, load.
+
+The Monarch multiply's two stride permutations are plain copies that PyTorch's
+generic strided copy runs slowly when the inner group is a few elements; the
+kernels in ``_native/permute.cpp`` do them (and the bias add) with vector
+shuffles, 2-4x faster (docs/speed.md).  They are optional: ``make`` builds
+them once (``monarch-matrices native build``), and without them, or
+with ``MONARCH_MATRICES_NATIVE=0`` in the environment, every op runs the
+pure-PyTorch path, which gives the same results bit for bit.
+
+The build goes to ``_native/build/`` next to this file (or
+``$MONARCH_MATRICES_NATIVE_DIR``) under a name that hashes the source, the
+compiler flags, torch's version and the CPU model, so a stale or foreign
+build is never loaded; loading never compiles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import platform
+import sys
+from functools import cache
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+__all__ = ["available", "build", "kernels", "status"]
+
+SOURCE = Path(__file__).with_name("_native") / "permute.cpp"
+# Tuned for the machine it is built on (the kernels exist to be fast here);
+# the hash below includes the CPU model, so a build is only used where it was made.
+FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp")
+PORTABLE_FLAGS = ("-O3", "-fopenmp")
+ENV_SWITCH = "MONARCH_MATRICES_NATIVE"
+ENV_DIR = "MONARCH_MATRICES_NATIVE_DIR"
+
+
+def build_dir() -> Path:
+    return Path(os.environ.get(ENV_DIR) or SOURCE.parent / "build")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "Model")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def module_name(flags: tuple[str, ...] = FLAGS) -> str:
+    """The extension's name: it changes whenever anything that shapes the binary does."""
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(flags).encode(), torch.__version__.encode(),
+                 _cpu_model().encode(), sys.version.encode()):
+        key.update(part)
+        key.update(b"\0")
+    return f"monarch_native_{key.hexdigest()[:12]}"
+
+
+def _library(name: str) -> Path:
+    return build_dir() / f"{name}.so"
+
+
+def _import(name: str, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@cache
+def _load() -> tuple[ModuleType | None, str]:
+    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None, f"disabled by {ENV_SWITCH}={os.environ[ENV_SWITCH]}"
+    for flags in (FLAGS, PORTABLE_FLAGS):
+        name = module_name(flags)
+        path = _library(name)
+        if path.is_file():
+            try:
+                return _import(name, path), f"loaded {path}"
+            except (ImportError, OSError) as err:  # e.g. built against another torch ABI
+                return None, f"{path} failed to load: {err}"
+    return None, (f"not built (no {_library(module_name())}); run `monarch-matrices native build` "
+                  "(or `make native`) to build it")
+
+
+def kernels() -> ModuleType | None:
+    """The loaded extension module, or ``None`` (then callers use PyTorch ops)."""
+    return _load()[0]
+
+
+def available() -> bool:
+    return kernels() is not None
+
+
+def status() -> str:
+    """One line saying whether the kernels are in use, and if not why."""
+    return _load()[1]
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile the kernels into :func:`build_dir` (about 30 s) and return the library path.
+
+    Tries the machine-tuned flags first, then portable ones.  Needs a C++
+    compiler and ninja; raises ``RuntimeError`` naming what failed.
+    """
+    from torch.utils.cpp_extension import load  # imported here: it is slow and rarely needed
+
+    build_dir().mkdir(parents=True, exist_ok=True)
+    errors = []
+    for flags in (FLAGS, PORTABLE_FLAGS):
+        name = module_name(flags)
+        work = build_dir() / name
+        work.mkdir(exist_ok=True)
+        try:
+            load(name=name, sources=[str(SOURCE)], extra_cflags=list(flags),
+                 extra_ldflags=["-fopenmp"], build_directory=str(work), verbose=verbose)
+        except Exception as err:  # compiler missing, flag unsupported, ...
+            errors.append(f"{' '.join(flags)}: {err}")
+            continue
+        built = work / f"{name}.so"
+        tmp = _library(name).with_suffix(".so.tmp")
+        tmp.write_bytes(built.read_bytes())
+        tmp.replace(_library(name))  # atomic: a concurrent loader sees all or nothing
+        _load.cache_clear()
+        return _library(name)
+    raise RuntimeError("could not build the native kernels:\n" + "\n".join(errors))

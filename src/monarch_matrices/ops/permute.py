@@ -1,0 +1,54 @@
+"""The Monarch multiply's stride permutations: native kernels where they apply, else ``copy_``.
+
+Both take 4-D views ``(n1, n2, ., .)`` (tokens, blocks) and swap the last two
+dims into a destination that already exists; the native kernels
+(:mod:`~monarch_matrices.ops.native`) and the PyTorch fallback give identical
+results.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import native
+
+# dtypes the kernels take (complex and integers use copy_)
+NATIVE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _native_for(t: torch.Tensor):
+    if t.device.type != "cpu" or t.dtype not in NATIVE_DTYPES:
+        return None
+    if torch.compiler.is_compiling():  # traced graphs use the ops the compiler knows
+        return None
+    return native.kernels()
+
+
+def interleave_(
+    dst: torch.Tensor,
+    src: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    bias_src: torch.Tensor | None = None,
+) -> None:
+    """``dst[i, j, e, v] = src[i, j, v, e] (+ bias[e·l + v])``.
+
+    ``dst``'s last two dims must be contiguous, ``src``'s rows too.  The
+    fallback adds ``bias_src`` (the bias in ``src``'s ``(l, m)`` layout) to
+    ``src`` in place first, so ``src`` must be scratch when a bias is given.
+    """
+    kernels = _native_for(src)
+    if kernels is not None:
+        kernels.interleave_(dst, src, bias)
+        return
+    if bias is not None:
+        src.add_(bias_src)
+    dst.copy_(src.transpose(2, 3))
+
+
+def deinterleave_(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst[i, j, v, e] = src[i, j, e, v]``: ``src``'s last two dims contiguous, ``dst``'s rows."""
+    kernels = _native_for(src)
+    if kernels is not None:
+        kernels.deinterleave_(dst, src)
+        return
+    dst.copy_(src.transpose(2, 3))

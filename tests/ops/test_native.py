@@ -1,0 +1,208 @@
+"""The optional C++ permutation kernels and the huge-page buffers, against plain PyTorch.
+
+``make`` builds the kernels, so they must be loaded here unless the run turns
+them off with ``MONARCH_MATRICES_NATIVE=0``; every kernel result must equal
+the ``copy_``/``add_`` path bit for bit, and so must whole multiplies.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from monarch_matrices.ops import memory, monarch_multiply, native, permute
+from monarch_matrices.ops import multiply as multiply_module
+
+DISABLED = os.environ.get(native.ENV_SWITCH, "1") == "0"
+needs_kernels = pytest.mark.skipif(DISABLED, reason="MONARCH_MATRICES_NATIVE=0")
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """An integer view, so NaNs compare by their bits."""
+    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+@pytest.fixture
+def kernels():
+    module = native.kernels()
+    assert module is not None, f"native kernels not loaded: {native.status()}"
+    return module
+
+
+def test_the_kernels_are_built_and_loaded():
+    if DISABLED:
+        assert native.kernels() is None and "disabled" in native.status()
+    else:
+        assert native.available(), native.status()
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("l", [1, 2, 3, 4, 5, 8, 16, 32, 64])
+def test_interleave_matches_copy_and_add(kernels, dtype, l):
+    gen = torch.Generator().manual_seed(l)
+    n1, n2, m = 5, 3, 13
+    # src rows of m with a gap between them and between the (i, j) blocks
+    base = torch.randn(n1, n2 + 1, l, m + 3, generator=gen).to(dtype)
+    src = base[:, 1:, :, 2 : 2 + m]
+    bias = torch.randn(m * l, generator=gen).to(dtype)
+    if dtype in (torch.bfloat16, torch.float16, torch.float32):
+        bias[3] = float("nan")
+        bias[4] = float("inf")
+    for b in (None, bias):
+        dst = torch.full((n1, n2, m, l), 7.0, dtype=dtype)
+        kernels.interleave_(dst, src, b)
+        want = src.transpose(2, 3).clone()
+        if b is not None:
+            want = (src.clone() + b.view(m, l).t()).transpose(2, 3)
+        assert torch.equal(_bits(dst), _bits(want.contiguous()))
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.complex64])
+@pytest.mark.parametrize("l", [1, 2, 4, 7, 16, 32, 40])
+def test_deinterleave_matches_copy(kernels, dtype, l):
+    n1, n2, m = 4, 3, 11
+    src = torch.randn(n1, n2, m, l, dtype=torch.float64).to(dtype)
+    if dtype == torch.complex64:  # a copy: any 2-, 4- or 8-byte element will do
+        src = src + 1j * torch.randn(src.shape)
+    base = torch.zeros(n1, n2, l + 1, m + 5, dtype=dtype)
+    dst = base[:, :, 1:, 3 : 3 + m]  # rows of m, strided
+    kernels.deinterleave_(dst, src)
+    want = src.transpose(2, 3).contiguous()
+    assert torch.equal(dst, want) if dtype.is_complex else torch.equal(_bits(dst), _bits(want))
+    assert (base[:, :, 0] == 0).all() and (base[..., :3] == 0).all()  # nothing outside dst
+
+
+@needs_kernels
+def test_kernels_refuse_bad_views(kernels):
+    src = torch.randn(2, 1, 4, 6)
+    with pytest.raises(RuntimeError, match="last two dims swapped"):
+        kernels.interleave_(torch.empty(2, 1, 4, 6), src)
+    with pytest.raises(RuntimeError, match="dtypes differ"):
+        kernels.interleave_(torch.empty(2, 1, 6, 4, dtype=torch.float64), src)
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        kernels.interleave_(torch.empty(2, 1, 4, 6).transpose(2, 3), src)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        kernels.interleave_(torch.empty(2, 1, 6, 4), src, torch.randn(23))
+    with pytest.raises(RuntimeError, match="unsupported dtype"):
+        z = torch.randn(2, 1, 6, 4, dtype=torch.complex128)
+        kernels.deinterleave_(torch.empty(2, 1, 4, 6, dtype=torch.complex128), z)
+    with pytest.raises(RuntimeError, match="4-D"):
+        kernels.deinterleave_(torch.empty(4, 6), torch.empty(6, 4))
+
+
+def _without_kernels(monkeypatch):
+    monkeypatch.setattr(permute, "_native_for", lambda t: None)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lowrank", [None, "fused", "separate"])
+def test_multiply_and_gradients_equal_the_pytorch_path_bit_for_bit(monkeypatch, dtype, lowrank):
+    gen = torch.Generator().manual_seed(0)
+    k, q, p, l, s = 4, 8, 6, 4, 5  # q % l == 0: the fused low-rank path
+    if lowrank == "separate":
+        q = 6
+    r = k * q // l
+    tensors = [torch.randn(*shape, generator=gen).to(dtype)
+               for shape in ((300, k * p), (k, q, p), (l, s, r), (s * l,))]
+    if lowrank is not None:
+        tensors += [torch.randn(3, k * p, generator=gen).to(dtype),
+                    torch.randn(s * l, 3, generator=gen).to(dtype)]
+    g = torch.randn(300, s * l, generator=gen).to(dtype)
+    monkeypatch.setattr(multiply_module, "CHUNK_BYTES", 4096)  # several chunks
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in tensors]
+        x, w1, w2, bias, *ab = leaves
+        y = monarch_multiply(x, w1, w2, bias, lowrank=tuple(ab) if ab else None)
+        y.backward(g)
+        with torch.no_grad():  # the inference path too
+            y_inf = monarch_multiply(x, w1, w2, bias, lowrank=tuple(ab) if ab else None)
+        return [y.detach(), y_inf, *(t.grad for t in leaves)]
+
+    fast = run()
+    _without_kernels(monkeypatch)
+    slow = run()
+    for a, b in zip(fast, slow):
+        assert torch.equal(a, b)
+
+
+def test_status_and_switch(monkeypatch):
+    monkeypatch.setenv(native.ENV_SWITCH, "0")
+    native._load.cache_clear()
+    try:
+        assert native.kernels() is None and not native.available()
+        assert "disabled" in native.status()
+        y = monarch_multiply(torch.randn(100, 8), torch.randn(2, 4, 4), torch.randn(2, 4, 4))
+        assert y.shape == (100, 8)
+    finally:
+        monkeypatch.undo()
+        native._load.cache_clear()
+
+
+def test_missing_build_says_how_to_build(monkeypatch, tmp_path):
+    monkeypatch.setenv(native.ENV_DIR, str(tmp_path))
+    monkeypatch.delenv(native.ENV_SWITCH, raising=False)
+    native._load.cache_clear()
+    try:
+        assert native.kernels() is None
+        assert "monarch-matrices native build" in native.status()
+    finally:
+        monkeypatch.undo()
+        native._load.cache_clear()
+
+
+def test_the_build_name_follows_the_source_and_flags():
+    assert native.module_name() != native.module_name(native.PORTABLE_FLAGS)
+    assert native.module_name().startswith("monarch_native_")
+
+
+def _thp_mode() -> str:
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "none"
+    return text.split("[", 1)[1].split("]", 1)[0]
+
+
+def _huge_kib_under(t: torch.Tensor) -> int:
+    """AnonHugePages of the mappings that hold ``t``'s storage (from /proc/self/smaps)."""
+    lo = t.untyped_storage().data_ptr()
+    hi = lo + t.untyped_storage().nbytes()
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(" ", 1)[0]
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            start, end = (int(v, 16) for v in head.split("-"))
+            inside = start < hi and end > lo
+        elif inside and line.startswith("AnonHugePages:"):
+            total += int(line.split()[1])
+    return total
+
+
+def test_empty_huge_is_an_ordinary_tensor():
+    like = torch.ones(3, dtype=torch.bfloat16)
+    for shape in ((5, 7), (1024, 4096)):
+        t = memory.empty_huge(like, *shape)
+        assert t.shape == shape and t.dtype == torch.bfloat16 and t.is_contiguous()
+    meta = memory.empty_huge(torch.ones(2, device="meta"), 4096, 4096)
+    assert meta.device.type == "meta"
+
+
+@pytest.mark.skipif(_thp_mode() not in ("madvise", "always"),
+                    reason="transparent huge pages are off on this system")
+def test_large_buffers_get_huge_pages():
+    t = memory.empty_huge(torch.ones(1), 16 * 2**20)  # 64 MiB of float32
+    t.fill_(1.0)
+    plain = torch.empty(16 * 2**20).fill_(1.0)
+    # most of it on 2 MiB pages (the kernel may fall back to small pages under pressure)
+    assert _huge_kib_under(t) >= 32 * 1024
+    if _thp_mode() == "madvise":  # then only advised memory gets them
+        assert _huge_kib_under(plain) == 0
+    assert float(t.sum()) == 16 * 2**20
