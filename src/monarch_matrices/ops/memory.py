@@ -9,11 +9,13 @@ PyTorch does for every tensor when ``THP_MEM_ALLOC_ENABLE=1``) takes 512x
 fewer faults and cut that cost 2.5-3x here.  The advice is only a hint: it
 changes no value, is skipped off Linux, off the CPU and for small tensors,
 and needs the system's THP mode to be ``madvise`` or ``always``.
+``MONARCH_MATRICES_HUGE_PAGES=0`` in the environment turns it off.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 from functools import cache
 
@@ -26,9 +28,14 @@ MADV_HUGEPAGE = 14  # <sys/mman.h> on Linux
 MIN_BYTES = 2 * HUGE_PAGE  # below this the advice cannot cover a whole huge page
 
 
+ENV_SWITCH = "MONARCH_MATRICES_HUGE_PAGES"
+
+
 @cache
 def _madvise():
     if not sys.platform.startswith("linux"):
+        return None
+    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
         return None
     try:
         fn = ctypes.CDLL(None, use_errno=True).madvise
