@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .nn import MonarchLinear
-from .ops import monarch_multiply_bmm
+from .ops import memory, monarch_multiply_bmm
 
 __all__ = ["CASES", "BenchCase", "add_arguments", "main", "run", "run_case"]
 
@@ -282,6 +282,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="overwrite files in --out")
 
 
+def _setup() -> dict[str, str]:
+    """What changes the Monarch figures besides the machine: kernels and allocator."""
+    from .ops import native
+
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    return {
+        "native_kernels": native.status(),
+        "huge_pages": os.environ.get(memory.ENV_SWITCH, "on (madvise for large buffers)"),
+        "system_thp": thp.read_text().strip() if thp.exists() else "n/a",
+        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "unset"),
+        "LD_PRELOAD": os.environ.get("LD_PRELOAD", "unset"),
+    }
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark described by ``args``; ``ValueError`` for bad arguments."""
     if args.repeats < 1:
@@ -317,6 +331,8 @@ def run(args: argparse.Namespace) -> int:
         f"\n{torch.get_num_threads()} threads, torch {torch.__version__}, "
         f"{platform.processor() or platform.machine()}; medians of {args.repeats} paired ratios"
     )
+    setup = _setup()
+    print("; ".join(f"{k}: {v}" for k, v in setup.items()))
     if args.out is not None:
         payload = {
             "machine": {
@@ -325,6 +341,7 @@ def run(args: argparse.Namespace) -> int:
                 "cpu_count": os.cpu_count(),
                 "threads": torch.get_num_threads(),
                 "torch": torch.__version__,
+                **setup,
             },
             "repeats": args.repeats,
             "summary": summary,

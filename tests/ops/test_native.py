@@ -206,3 +206,22 @@ def test_large_buffers_get_huge_pages():
     if _thp_mode() == "madvise":  # then only advised memory gets them
         assert _huge_kib_under(plain) == 0
     assert float(t.sum()) == 16 * 2**20
+
+
+def test_huge_pages_switch(monkeypatch):
+    monkeypatch.setenv(memory.ENV_SWITCH, "0")
+    memory._madvise.cache_clear()
+    try:
+        assert memory._madvise() is None
+        t = memory.empty_huge(torch.ones(1), 4 * 2**20)
+        assert t.shape == (4 * 2**20,)
+    finally:
+        monkeypatch.undo()
+        memory._madvise.cache_clear()
+
+
+def test_cli_native_status(capsys):
+    from monarch_matrices.cli import main
+
+    assert main(["native", "status"]) == 0
+    assert capsys.readouterr().out.startswith("native kernels: ")
