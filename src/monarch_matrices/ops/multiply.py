@@ -73,7 +73,7 @@ def _forward_chunks(
     n_tokens = x.shape[0]
     y = empty_huge(x, n_tokens, s * l)  # whole-batch buffers on huge pages: fewer faults
     chunk = chunk_tokens(n_tokens, k * q, s * l, x.dtype, x.device)
-    mid = empty_huge(x, n_tokens, l, r) if keep_middle else x.new_empty(chunk, l, r)
+    mid = x.new_empty(n_tokens if keep_middle else chunk, l, r)
     fused = lowrank is not None and q % l == 0
     if fused:  # a rides in the first GEMM, as R extra rows of every w1 block
         w1 = _with_lowrank_rows(w1, lowrank[0])
@@ -170,7 +170,7 @@ class _MonarchMultiply(torch.autograd.Function):
         fused = lowrank and q % l == 0
         w1f = _with_lowrank_rows(w1, a) if fused else w1
         qf = w1f.shape[1]
-        grad_x = empty_huge(x, *x.shape) if need_x else None
+        grad_x = torch.empty_like(x) if need_x else None
         grad_w2 = torch.zeros_like(w2) if need_w2 else None
         grad_w1f = torch.zeros_like(w1f) if need_w1 or (fused and need_a) else None
         grad_a = torch.zeros_like(a) if need_a and not fused else None
