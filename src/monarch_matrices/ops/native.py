@@ -114,6 +114,10 @@ def build(verbose: bool = False) -> Path:
     from torch.utils.cpp_extension import load  # imported here: it is slow and rarely needed
 
     build_dir().mkdir(parents=True, exist_ok=True)
+    # ninja from the `native` extra lives next to this Python, maybe not on PATH
+    scripts = str(Path(sys.executable).parent)
+    if scripts not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
     errors = []
     for flags in (FLAGS, PORTABLE_FLAGS):
         name = module_name(flags)
