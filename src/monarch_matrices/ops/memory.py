@@ -8,7 +8,8 @@ kernel to back the buffer with 2 MiB pages (``madvise(MADV_HUGEPAGE)``, what
 PyTorch does for every tensor when ``THP_MEM_ALLOC_ENABLE=1``) takes 512x
 fewer faults and cut that cost 2.5-3x here.  The advice is only a hint: it
 changes no value, is skipped off Linux, off the CPU and for small tensors,
-and needs the system's THP mode to be ``madvise`` or ``always``.
+and needs the system's THP mode to be ``madvise`` or ``always``.  Only
+buffers of 32 MiB and more are advised (see ``MIN_BYTES``).
 ``MONARCH_MATRICES_HUGE_PAGES=0`` in the environment turns it off.
 """
 
@@ -25,7 +26,11 @@ __all__ = ["empty_huge"]
 
 HUGE_PAGE = 2 * 2**20
 MADV_HUGEPAGE = 14  # <sys/mman.h> on Linux
-MIN_BYTES = 2 * HUGE_PAGE  # below this the advice cannot cover a whole huge page
+# glibc serves requests of at least its mmap threshold (at most 32 MiB, its
+# DEFAULT_MMAP_THRESHOLD_MAX) with a private mmap that is unmapped on free, so
+# the advice dies with the tensor; smaller blocks may come from the heap, whose
+# pages malloc reuses for other objects, and are left alone.
+MIN_BYTES = 32 * 2**20
 
 
 ENV_SWITCH = "MONARCH_MATRICES_HUGE_PAGES"
@@ -48,7 +53,8 @@ def _madvise():
 
 def advise_huge_pages(t: torch.Tensor) -> torch.Tensor:
     """Ask for huge pages under ``t``'s untouched CPU storage; returns ``t``."""
-    if t.device.type != "cpu":
+    # only plain tensors outside tracing: FakeTensor has no memory, a compiled graph no ctypes
+    if type(t) is not torch.Tensor or t.device.type != "cpu" or torch.compiler.is_compiling():
         return t
     nbytes = t.untyped_storage().nbytes()
     madvise = _madvise() if nbytes >= MIN_BYTES else None

@@ -21,6 +21,7 @@ import importlib.util
 import os
 import platform
 import sys
+import tempfile
 from functools import cache
 from pathlib import Path
 from types import ModuleType
@@ -43,13 +44,16 @@ def build_dir() -> Path:
 
 
 def _cpu_model() -> str:
+    """The CPU's model and feature flags: a VM may mask features of the same model."""
+    found = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "Model")):
-                return line.split(":", 1)[1].strip()
+            key = line.split(":", 1)[0].strip()
+            if key in ("model name", "Model", "flags", "Features") and key not in found:
+                found[key] = line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return " | ".join(found.values()) or platform.processor() or platform.machine()
 
 
 def module_name(flags: tuple[str, ...] = FLAGS) -> str:
@@ -79,6 +83,9 @@ def _import(name: str, path: Path) -> ModuleType:
 def _load() -> tuple[ModuleType | None, str]:
     if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
         return None, f"disabled by {ENV_SWITCH}={os.environ[ENV_SWITCH]}"
+    if not SOURCE.is_file():
+        return None, f"the kernel source {SOURCE} is not installed"
+    failures = []
     for flags in (FLAGS, PORTABLE_FLAGS):
         name = module_name(flags)
         path = _library(name)
@@ -86,7 +93,9 @@ def _load() -> tuple[ModuleType | None, str]:
             try:
                 return _import(name, path), f"loaded {path}"
             except (ImportError, OSError) as err:  # e.g. built against another torch ABI
-                return None, f"{path} failed to load: {err}"
+                failures.append(f"{path} failed to load: {err}")
+    if failures:
+        return None, "; ".join(failures)
     return None, (f"not built (no {_library(module_name())}); run `monarch-matrices native build` "
                   "(or `make native`) to build it")
 
@@ -113,26 +122,30 @@ def build(verbose: bool = False) -> Path:
     """
     from torch.utils.cpp_extension import load  # imported here: it is slow and rarely needed
 
+    if not SOURCE.is_file():
+        raise RuntimeError(f"the kernel source {SOURCE} is not installed")
     build_dir().mkdir(parents=True, exist_ok=True)
-    # ninja from the `native` extra lives next to this Python, maybe not on PATH
-    scripts = str(Path(sys.executable).parent)
-    if scripts not in os.environ.get("PATH", "").split(os.pathsep):
-        os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
     errors = []
-    for flags in (FLAGS, PORTABLE_FLAGS):
-        name = module_name(flags)
-        work = build_dir() / name
-        work.mkdir(exist_ok=True)
-        try:
-            load(name=name, sources=[str(SOURCE)], extra_cflags=list(flags),
-                 extra_ldflags=["-fopenmp"], build_directory=str(work), verbose=verbose)
-        except Exception as err:  # compiler missing, flag unsupported, ...
-            errors.append(f"{' '.join(flags)}: {err}")
-            continue
-        built = work / f"{name}.so"
-        tmp = _library(name).with_suffix(".so.tmp")
-        tmp.write_bytes(built.read_bytes())
-        tmp.replace(_library(name))  # atomic: a concurrent loader sees all or nothing
-        _load.cache_clear()
-        return _library(name)
+    path_before = os.environ.get("PATH", "")
+    # ninja from the `native` extra lives next to this Python, maybe not on PATH
+    os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + path_before
+    try:
+        for flags in (FLAGS, PORTABLE_FLAGS):
+            name = module_name(flags)
+            work = build_dir() / name
+            work.mkdir(exist_ok=True)
+            try:
+                load(name=name, sources=[str(SOURCE)], extra_cflags=list(flags),
+                     extra_ldflags=["-fopenmp"], build_directory=str(work), verbose=verbose)
+            except Exception as err:  # compiler missing, flag unsupported, ...
+                errors.append(f"{' '.join(flags)}: {err}")
+                continue
+            fd, tmp = tempfile.mkstemp(dir=build_dir(), suffix=".so.tmp")
+            with os.fdopen(fd, "wb") as out:
+                out.write((work / f"{name}.so").read_bytes())
+            os.replace(tmp, _library(name))  # atomic: a loader sees all of it or nothing
+            _load.cache_clear()
+            return _library(name)
+    finally:
+        os.environ["PATH"] = path_before
     raise RuntimeError("could not build the native kernels:\n" + "\n".join(errors))

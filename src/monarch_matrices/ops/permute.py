@@ -16,10 +16,18 @@ from . import native
 NATIVE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
+def plain_cpu_tensor(t: torch.Tensor) -> bool:
+    """A real CPU tensor with memory behind ``data_ptr()``, outside any tracing.
+
+    Subclasses (FakeTensor under ``FakeTensorMode``, DTensor, ...) and traced
+    graphs (``torch.compile``) take the PyTorch ops, which they know how to handle.
+    """
+    return (type(t) is torch.Tensor and t.device.type == "cpu"
+            and not torch.compiler.is_compiling())
+
+
 def _native_for(t: torch.Tensor):
-    if t.device.type != "cpu" or t.dtype not in NATIVE_DTYPES:
-        return None
-    if torch.compiler.is_compiling():  # traced graphs use the ops the compiler knows
+    if t.dtype not in NATIVE_DTYPES or not plain_cpu_tensor(t):
         return None
     return native.kernels()
 
@@ -38,7 +46,7 @@ def interleave_(
     """
     kernels = _native_for(src)
     if kernels is not None:
-        kernels.interleave_(dst, src, bias)
+        kernels.interleave_(dst, src, None if bias is None else bias.contiguous())
         return
     if bias is not None:
         src.add_(bias_src)
