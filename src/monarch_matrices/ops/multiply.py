@@ -5,7 +5,10 @@ activation and output stay in the L2 cache: the two permutations (the middle
 stride permutation and the output interleave) are then copies between cache
 lines, not extra passes over memory, and the output is written to memory once.
 Backward runs the same way and accumulates the factor gradients chunk by chunk.
-On accelerators the whole batch is one chunk.
+On CPU the permutations (and the bias) run in the optional C++ kernels of
+:mod:`~monarch_matrices.ops.permute` when they are built, and the output is
+allocated on huge pages (:mod:`~monarch_matrices.ops.memory`); neither changes
+a result.  On accelerators the whole batch is one chunk.
 """
 
 from __future__ import annotations
