@@ -174,10 +174,14 @@ class _MonarchMultiply(torch.autograd.Function):
         w1f = _with_lowrank_rows(w1, a) if fused else w1
         qf = w1f.shape[1]
         grad_x = torch.empty_like(x) if need_x else None
-        grad_w2 = torch.zeros_like(w2) if need_w2 else None
-        grad_w1f = torch.zeros_like(w1f) if need_w1 or (fused and need_a) else None
-        grad_a = torch.zeros_like(a) if need_a and not fused else None
-        grad_bt = b.new_zeros(b.shape[1], b.shape[0]) if need_b else None  # (R, s·l)
+        # factor gradients sum over chunks: in float32 for bf16/fp16, so they are
+        # rounded once at the end, as one GEMM over all tokens would round them
+        acc = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
+        grad_w2 = torch.zeros_like(w2, dtype=acc) if need_w2 else None
+        grad_w1f = torch.zeros_like(w1f, dtype=acc) if need_w1 or (fused and need_a) else None
+        grad_a = torch.zeros_like(a, dtype=acc) if need_a and not fused else None
+        grad_bt = b.new_zeros(b.shape[1], b.shape[0], dtype=acc) if need_b else None  # (R, s·l)
+        scratch: dict[str, torch.Tensor] = {}  # per-chunk products when acc is wider
         gtt = grad_y.new_empty(a.shape[0], chunk) if lowrank else None  # (R, n)
         bct = b.conj().t().contiguous() if lowrank else None  # (R, s·l)
         # complex: the gradient of A @ B is (G Bᴴ, Aᴴ G); conj() is a free view
@@ -195,12 +199,12 @@ class _MonarchMultiply(torch.autograd.Function):
                 gtc = gtt[:, :n]
                 torch.mm(bct, grad_y[rows].t(), out=gtc)  # (R, s·l) @ (s·l, n)
                 if need_b:
-                    grad_bt.addmm_(t[rows].conj().t(), grad_y[rows])  # (R, n) @ (n, s·l)
+                    _add_product_(grad_bt, t[rows].conj().t(), grad_y[rows], scratch, "b")
                 if grad_a is not None:
-                    grad_a.addmm_(gtc, x[rows].conj())  # (R, n) @ (n, k·p)
+                    _add_product_(grad_a, gtc, x[rows].conj(), scratch, "a")  # (R, n) @ (n, k·p)
             if need_w2:
                 mc = mid[rows].transpose(0, 1).conj()  # (l, n, r)
-                grad_w2.baddbmm_(gzc.permute(1, 2, 0), mc)  # (l, s, n) @ (l, n, r)
+                _add_product_(grad_w2, gzc.permute(1, 2, 0), mc, scratch, "w2")  # (l,s,n)@(l,n,r)
             if not need_h:
                 continue
             torch.bmm(gzc.transpose(0, 1), w2c, out=gmc.transpose(0, 1))  # (l, n, r)
@@ -212,7 +216,7 @@ class _MonarchMultiply(torch.autograd.Function):
                 interleave_(ghc.view(n, 1, r, l), gmc.view(n, 1, l, r))  # inverse stride perm.
             if grad_w1f is not None:
                 xc = x[rows].view(n, k, p).transpose(0, 1).conj()  # (k, n, p)
-                grad_w1f.baddbmm_(ghc.permute(1, 2, 0), xc)  # (k, qf, n) @ (k, n, p)
+                _add_product_(grad_w1f, ghc.permute(1, 2, 0), xc, scratch, "w1")  # (k,qf,n)@(k,n,p)
             if need_x:
                 gxc = grad_x[rows].view(n, k, p).transpose(0, 1)
                 torch.bmm(ghc.transpose(0, 1), w1c, out=gxc)  # (k, n, p)
@@ -226,7 +230,24 @@ class _MonarchMultiply(torch.autograd.Function):
             grad_w1 = grad_w1.contiguous() if need_w1 else None
         grad_bias = grad_y.sum(0) if need_bias else None
         grad_b = None if grad_bt is None else grad_bt.t().contiguous()
+        grads = (grad_w1, grad_w2, grad_a, grad_b)
+        grad_w1, grad_w2, grad_a, grad_b = (None if g is None else g.to(x.dtype) for g in grads)
         return grad_x, grad_w1, grad_w2, grad_bias, grad_a, grad_b
+
+
+def _add_product_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                  scratch: dict[str, torch.Tensor], key: str) -> None:
+    """``acc += a @ b`` (2-D or batched); a wider ``acc`` takes the product rounded once.
+
+    ``scratch[key]`` holds that product between chunks (allocated on first use).
+    """
+    if acc.dtype == a.dtype:
+        (acc.addmm_ if a.dim() == 2 else acc.baddbmm_)(a, b)
+        return
+    if key not in scratch:
+        scratch[key] = acc.new_empty(acc.shape, dtype=a.dtype)
+    (torch.mm if a.dim() == 2 else torch.bmm)(a, b, out=scratch[key])
+    acc.add_(scratch[key])
 
 
 def monarch_multiply(
