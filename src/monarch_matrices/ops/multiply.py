@@ -176,7 +176,9 @@ class _MonarchMultiply(torch.autograd.Function):
         grad_x = torch.empty_like(x) if need_x else None
         # factor gradients sum over chunks: in float32 for bf16/fp16, so they are
         # rounded once at the end, as one GEMM over all tokens would round them
-        acc = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
+        # (with one chunk, as on accelerators, the GEMM already is that)
+        low = x.dtype in (torch.bfloat16, torch.float16) and n_tokens > chunk
+        acc = torch.float32 if low else x.dtype
         grad_w2 = torch.zeros_like(w2, dtype=acc) if need_w2 else None
         grad_w1f = torch.zeros_like(w1f, dtype=acc) if need_w1 or (fused and need_a) else None
         grad_a = torch.zeros_like(a, dtype=acc) if need_a and not fused else None
