@@ -105,22 +105,20 @@ class InputStats:
         def center(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             return g - torch.outer(a, b) / n
 
-        def constant(raw: torch.Tensor, centred: torch.Tensor) -> torch.Tensor:
-            return centred.diagonal() <= 1e-9 * raw.diagonal()
+        def center_gram(raw: torch.Tensor, total: torch.Tensor):
+            """The symmetric centred Gram with constant features zeroed, and those features."""
+            g = center(raw, total, total)
+            g = 0.5 * (g + g.T)
+            flat = g.diagonal() <= 1e-9 * raw.diagonal()
+            g[flat, :] = 0
+            g[:, flat] = 0
+            return g, flat
 
-        gram = center(self.gram, self.total, self.total)
-        gram = 0.5 * (gram + gram.T)
-        flat = constant(self.gram, gram)
-        gram[flat, :] = 0
-        gram[:, flat] = 0
+        gram, flat = center_gram(self.gram, self.total)
         zero = torch.zeros_like(self.total)
         if self.cross is None:
             return InputStats(gram, zero, self.count)
-        target = center(self.target_gram, self.target_total, self.target_total)
-        target = 0.5 * (target + target.T)
-        flat_t = constant(self.target_gram, target)
-        target[flat_t, :] = 0
-        target[:, flat_t] = 0
+        target, flat_t = center_gram(self.target_gram, self.target_total)
         cross = center(self.cross, self.target_total, self.total)
         cross[flat_t, :] = 0
         cross[:, flat] = 0

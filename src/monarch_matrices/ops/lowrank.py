@@ -86,11 +86,6 @@ def fit_lowrank(
         if cross is not None:
             raise ValueError("cross needs gram")
         resid = w - m
-    elif not float(gram.double().diagonal().sum()) > 0:
-        # Inputs that are all zero (or constant, once centred): every term is
-        # equally good on them, so take the Frobenius one, as project_calibrated does.
-        check_gram(gram, in_f)
-        resid = w - m
     else:
         chol, resid = _weighted_residual(w, m, gram, cross, damping)
     u, s, vh = torch.linalg.svd(resid, full_matrices=False)
@@ -108,8 +103,11 @@ def _weighted_residual(
     gram: torch.Tensor,
     cross: torch.Tensor | None,
     damping: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(L, (T − M) L)`` with ``C_λ = L Lᵀ``: the damped objective as a Frobenius one."""
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``(L, (T − M) L)`` with ``C_λ = L Lᵀ``: the damped objective as a Frobenius one.
+
+    ``(None, W − M)`` when ``C`` is zero: then the Frobenius fit is as good as any.
+    """
     in_f = w.shape[1]
     check_gram(gram, in_f)
     if cross is not None:
@@ -120,6 +118,10 @@ def _weighted_residual(
     if not damping >= 0:
         raise ValueError(f"damping={damping!r} must be >= 0")
     c = gram.double()
+    if not float(c.diagonal().sum()) > 0:
+        # Inputs that are all zero (or constant, once centred): every term is
+        # equally good on them, so take the Frobenius one, as project_calibrated does.
+        return None, w - m
     c = 0.5 * (c + c.T)
     lam = damping * float(c.diagonal().mean())
     c = c + lam * torch.eye(in_f, dtype=c.dtype, device=c.device)

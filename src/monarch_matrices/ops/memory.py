@@ -16,11 +16,12 @@ buffers of 32 MiB and more are advised (see ``MIN_BYTES``).
 from __future__ import annotations
 
 import ctypes
-import os
 import sys
 from functools import cache
 
 import torch
+
+from .native import plain_cpu_tensor, switched_off
 
 __all__ = ["empty_huge"]
 
@@ -40,7 +41,7 @@ ENV_SWITCH = "MONARCH_MATRICES_HUGE_PAGES"
 def _madvise():
     if not sys.platform.startswith("linux"):
         return None
-    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+    if switched_off(ENV_SWITCH):
         return None
     try:
         fn = ctypes.CDLL(None, use_errno=True).madvise
@@ -53,8 +54,7 @@ def _madvise():
 
 def advise_huge_pages(t: torch.Tensor) -> torch.Tensor:
     """Ask for huge pages under ``t``'s untouched CPU storage; returns ``t``."""
-    # only plain tensors outside tracing: FakeTensor has no memory, a compiled graph no ctypes
-    if type(t) is not torch.Tensor or t.device.type != "cpu" or torch.compiler.is_compiling():
+    if not plain_cpu_tensor(t):  # FakeTensor has no memory, a compiled graph no ctypes
         return t
     nbytes = t.untyped_storage().nbytes()
     madvise = _madvise() if nbytes >= MIN_BYTES else None

@@ -10,8 +10,8 @@ pure-PyTorch path, which gives the same results bit for bit.
 
 The build goes to ``_native/build/`` next to this file (or
 ``$MONARCH_MATRICES_NATIVE_DIR``) under a name that hashes the source, the
-compiler flags, torch's version and the CPU model, so a stale or foreign
-build is never loaded; loading never compiles.
+compiler flags, torch's version and the CPU model and features, so a stale
+or foreign build is never loaded; loading never compiles.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["available", "build", "kernels", "status"]
+__all__ = ["available", "build", "kernels", "plain_cpu_tensor", "status", "switched_off"]
 
 SOURCE = Path(__file__).with_name("_native") / "permute.cpp"
 # Tuned for the machine it is built on (the kernels exist to be fast here);
@@ -37,6 +37,22 @@ FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp")
 PORTABLE_FLAGS = ("-O3", "-fopenmp")
 ENV_SWITCH = "MONARCH_MATRICES_NATIVE"
 ENV_DIR = "MONARCH_MATRICES_NATIVE_DIR"
+
+
+def switched_off(variable: str) -> bool:
+    """Whether the environment turns an optional fast path off (0, false, no, off)."""
+    return os.environ.get(variable, "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def plain_cpu_tensor(t: torch.Tensor) -> bool:
+    """A real CPU tensor with memory behind ``data_ptr()``, outside any tracing.
+
+    Only such tensors may go to the kernels or to ``madvise``: subclasses
+    (FakeTensor under ``FakeTensorMode``, DTensor, ...) and traced graphs
+    (``torch.compile``) take the PyTorch ops, which they know how to handle.
+    """
+    return (type(t) is torch.Tensor and t.device.type == "cpu"
+            and not torch.compiler.is_compiling())
 
 
 def build_dir() -> Path:
@@ -81,7 +97,7 @@ def _import(name: str, path: Path) -> ModuleType:
 
 @cache
 def _load() -> tuple[ModuleType | None, str]:
-    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+    if switched_off(ENV_SWITCH):
         return None, f"disabled by {ENV_SWITCH}={os.environ[ENV_SWITCH]}"
     if not SOURCE.is_file():
         return None, f"the kernel source {SOURCE} is not installed"

@@ -16,18 +16,8 @@ from . import native
 NATIVE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def plain_cpu_tensor(t: torch.Tensor) -> bool:
-    """A real CPU tensor with memory behind ``data_ptr()``, outside any tracing.
-
-    Subclasses (FakeTensor under ``FakeTensorMode``, DTensor, ...) and traced
-    graphs (``torch.compile``) take the PyTorch ops, which they know how to handle.
-    """
-    return (type(t) is torch.Tensor and t.device.type == "cpu"
-            and not torch.compiler.is_compiling())
-
-
 def _native_for(t: torch.Tensor):
-    if t.dtype not in NATIVE_DTYPES or not plain_cpu_tensor(t):
+    if t.dtype not in NATIVE_DTYPES or not native.plain_cpu_tensor(t):
         return None
     return native.kernels()
 
