@@ -289,7 +289,8 @@ def _setup() -> dict[str, str]:
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     return {
         "native_kernels": native.status(),
-        "huge_pages": os.environ.get(memory.ENV_SWITCH, "on (madvise for large buffers)"),
+        "huge_pages": ("on (madvise for large outputs)" if memory.huge_pages_enabled()
+                       else f"off ({memory.ENV_SWITCH}=1 turns them on)"),
         "system_thp": thp.read_text().strip() if thp.exists() else "n/a",
         "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "unset"),
         "LD_PRELOAD": os.environ.get("LD_PRELOAD", "unset"),

@@ -208,9 +208,19 @@ def test_biases_of_any_layout_and_fake_tensors_work():
         assert t.shape == (8192, 4096)
 
 
+@pytest.fixture
+def huge_pages_on(monkeypatch):
+    monkeypatch.setenv(memory.ENV_SWITCH, "1")
+    memory._madvise.cache_clear()
+    yield
+    monkeypatch.undo()
+    memory._madvise.cache_clear()
+
+
 @pytest.mark.skipif(_thp_mode() not in ("madvise", "always"),
                     reason="transparent huge pages are off on this system")
-def test_large_buffers_get_huge_pages():
+def test_large_buffers_get_huge_pages_when_asked(huge_pages_on):
+    assert memory.huge_pages_enabled()
     t = memory.empty_huge(torch.ones(1), 16 * 2**20)  # 64 MiB of float32
     t.fill_(1.0)
     plain = torch.empty(16 * 2**20).fill_(1.0)
@@ -221,13 +231,20 @@ def test_large_buffers_get_huge_pages():
     assert float(t.sum()) == 16 * 2**20
 
 
-def test_huge_pages_switch(monkeypatch):
-    monkeypatch.setenv(memory.ENV_SWITCH, "0")
+@pytest.mark.parametrize("value", [None, "0", "off", "2"])
+def test_huge_pages_are_opt_in(monkeypatch, value):
+    if value is None:
+        monkeypatch.delenv(memory.ENV_SWITCH, raising=False)
+    else:
+        monkeypatch.setenv(memory.ENV_SWITCH, value)
     memory._madvise.cache_clear()
     try:
-        assert memory._madvise() is None
-        t = memory.empty_huge(torch.ones(1), 4 * 2**20)
-        assert t.shape == (4 * 2**20,)
+        assert not memory.huge_pages_enabled()
+        t = memory.empty_huge(torch.ones(1), 16 * 2**20)
+        t.fill_(1.0)
+        assert t.shape == (16 * 2**20,)
+        if _thp_mode() == "madvise":
+            assert _huge_kib_under(t) == 0
     finally:
         monkeypatch.undo()
         memory._madvise.cache_clear()

@@ -1,4 +1,4 @@
-"""Fresh CPU tensors backed by transparent huge pages.
+"""Fresh CPU tensors backed by transparent huge pages, when asked for.
 
 A large CPU tensor comes from a fresh ``mmap``, and the first write to each 4
 KiB page takes a page fault that zero-fills it: for an 8192x3072 float32
@@ -6,11 +6,15 @@ output that costs about 20 ms, as much as a third of a dense 768->3072
 forward and about a third of a Monarch one (docs/speed.md).  Advising the
 kernel to back the buffer with 2 MiB pages (``madvise(MADV_HUGEPAGE)``, what
 PyTorch does for every tensor when ``THP_MEM_ALLOC_ENABLE=1``) takes 512x
-fewer faults and cut that cost 2.5-3x here.  The advice is only a hint: it
-changes no value, is skipped off Linux, off the CPU and for small tensors,
-and needs the system's THP mode to be ``madvise`` or ``always``.  Only
-buffers of 32 MiB and more are advised (see ``MIN_BYTES``).
-``MONARCH_MATRICES_HUGE_PAGES=0`` in the environment turns it off.
+fewer faults and usually cuts that cost 3-5x, but not always: on a VM whose
+free memory is handed back to the host (virtio-balloon free-page reporting),
+a huge page can come from memory the host must fault in again, and about one
+first touch in three after a large dense op stalled for 90-200 ms instead
+of 3 ms.  So it is opt-in: ``MONARCH_MATRICES_HUGE_PAGES=1`` in the
+environment turns it on.  The advice is only a hint: it changes no value, is
+skipped off Linux, off the CPU and for small tensors, and needs the system's
+THP mode to be ``madvise`` or ``always``.  Only buffers of 32 MiB and more
+are advised (see ``MIN_BYTES``).
 """
 
 from __future__ import annotations
@@ -21,9 +25,9 @@ from functools import cache
 
 import torch
 
-from .native import plain_cpu_tensor, switched_off
+from .native import plain_cpu_tensor, switched_on
 
-__all__ = ["empty_huge"]
+__all__ = ["empty_huge", "huge_pages_enabled"]
 
 HUGE_PAGE = 2 * 2**20
 MADV_HUGEPAGE = 14  # <sys/mman.h> on Linux
@@ -41,7 +45,7 @@ ENV_SWITCH = "MONARCH_MATRICES_HUGE_PAGES"
 def _madvise():
     if not sys.platform.startswith("linux"):
         return None
-    if switched_off(ENV_SWITCH):
+    if not switched_on(ENV_SWITCH):
         return None
     try:
         fn = ctypes.CDLL(None, use_errno=True).madvise
@@ -50,6 +54,11 @@ def _madvise():
     fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     fn.restype = ctypes.c_int
     return fn
+
+
+def huge_pages_enabled() -> bool:
+    """Whether large CPU outputs are advised onto huge pages in this process."""
+    return _madvise() is not None
 
 
 def advise_huge_pages(t: torch.Tensor) -> torch.Tensor:
@@ -68,5 +77,5 @@ def advise_huge_pages(t: torch.Tensor) -> torch.Tensor:
 
 
 def empty_huge(like: torch.Tensor, *shape: int) -> torch.Tensor:
-    """``like.new_empty(shape)``, on huge pages when it is a large CPU tensor."""
+    """``like.new_empty(shape)``, on huge pages when asked for and a large CPU tensor."""
     return advise_huge_pages(like.new_empty(shape))

@@ -28,7 +28,9 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["available", "build", "kernels", "plain_cpu_tensor", "status", "switched_off"]
+__all__ = [
+    "available", "build", "kernels", "plain_cpu_tensor", "status", "switched_off", "switched_on",
+]
 
 SOURCE = Path(__file__).with_name("_native") / "permute.cpp"
 # Tuned for the machine it is built on (the kernels exist to be fast here);
@@ -42,6 +44,11 @@ ENV_DIR = "MONARCH_MATRICES_NATIVE_DIR"
 def switched_off(variable: str) -> bool:
     """Whether the environment turns an optional fast path off (0, false, no, off)."""
     return os.environ.get(variable, "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def switched_on(variable: str) -> bool:
+    """Whether the environment turns an opt-in path on (1, true, yes, on)."""
+    return os.environ.get(variable, "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def plain_cpu_tensor(t: torch.Tensor) -> bool:
