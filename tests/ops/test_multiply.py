@@ -123,6 +123,61 @@ def test_chunked_path_matches_reference(monkeypatch, dtype, needs):
         torch.testing.assert_close(a, b)
 
 
+def test_block_major_buffers_spread_over_the_cache_sets():
+    # l streams a multiple of 4 KiB apart share one L1 set; the padded block
+    # stride (4 KiB multiple plus a cache line) spreads them
+    assert multiply_module._streams_per_set(16, 384 * 256 * 2) == 16
+    assert multiply_module._streams_per_set(16, 383 * 256 * 2) == 2
+    assert multiply_module._streams_per_set(4, 4096) == 4
+    x = torch.randn(3, dtype=torch.bfloat16)
+    buf = multiply_module._block_major(x, 16, 384, 256)
+    assert buf.shape == (16, 384, 256) and buf.stride()[1:] == (256, 1)
+    assert multiply_module._streams_per_set(16, buf.stride(0) * 2) == 1
+    assert buf[0].is_contiguous() and not buf[:, :5].is_contiguous()
+
+
+@pytest.mark.parametrize("tokens", [256, 255])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_gradient_layouts_for_many_blocks(tokens, dtype):
+    """16 blocks: the output gradient's contiguous block-major layout (255 tokens)
+    and its padded one (256 tokens: 16 streams 64 KiB apart) give the reference's
+    gradients."""
+    torch.manual_seed(0)
+    x = torch.randn(tokens, 512, dtype=torch.float64)
+    w1 = torch.randn(16, 32, 32, dtype=torch.float64) / 6
+    w2 = torch.randn(16, 32, 32, dtype=torch.float64) / 6
+    g = torch.randn(tokens, 512, dtype=torch.float64)
+    want = torch.autograd.grad(monarch_multiply_reference(x.requires_grad_(), w1.requires_grad_(),
+                                                          w2.requires_grad_()), (x, w1, w2), g)
+    inputs = [t.detach().to(dtype).requires_grad_() for t in (x, w1, w2)]
+    got = torch.autograd.grad(monarch_multiply(*inputs), inputs, g.to(dtype))
+    for a, b in zip(got, want):
+        if dtype == torch.float64:
+            torch.testing.assert_close(a, b)
+        else:  # a few bf16 roundings of each term: relative error well under 1%
+            assert float((a.double() - b).norm() / b.norm()) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_wide_blocks_in_low_precision_match_float64(monkeypatch, dtype):
+    """bf16/fp16 on the CPU multiply wide blocks of x one mm at a time, and every
+    grad w1 that way: values and gradients against the float64 reference."""
+    monkeypatch.setattr(multiply_module, "CHUNK_BYTES", 64 * 1024)  # several chunks
+    torch.manual_seed(0)
+    x = torch.randn(2, 150, 1024, dtype=torch.float64)
+    w1 = torch.randn(2, 64, 512, dtype=torch.float64) / 23  # p = 512: blockwise
+    w2 = torch.randn(4, 96, 32, dtype=torch.float64) / 6
+    bias, g = torch.randn(384, dtype=torch.float64), torch.randn(2, 150, 384, dtype=torch.float64)
+    ref = [t.clone().requires_grad_() for t in (x, w1, w2, bias)]
+    want_y = monarch_multiply_reference(*ref[:3]) + ref[3]
+    want = torch.autograd.grad(want_y, ref, g)
+    low = [t.to(dtype).requires_grad_() for t in (x, w1, w2, bias)]
+    y = monarch_multiply(*low)
+    got = torch.autograd.grad(y, low, g.to(dtype))
+    for a, b in zip((y, *got), (want_y, *want)):
+        assert float((a.detach().double() - b.detach()).norm() / b.detach().norm()) < 1e-2
+
+
 def test_chunk_size_follows_cache_budget():
     cpu = torch.device("cpu")
     chunk = multiply_module.chunk_tokens(8192, 768, 3072, torch.float32, cpu)
