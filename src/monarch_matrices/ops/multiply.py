@@ -122,7 +122,8 @@ def _forward_chunks(
     # a CPU bmm in bf16/fp16 first copies x's strided blocks; with wide blocks one
     # mm per block reads them in place (3072->768 chunk 1.35x faster; a tie at
     # 1024-wide blocks, slower at 192-256: measured)
-    blockwise = x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and p >= 512
+    blockwise = (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+                 and p >= 512 and n_tokens > SMALL_BATCH)  # few tokens: calls cost more
     # the bias in z's layout, for the PyTorch path: added to the contiguous GEMM output
     # in cache, before the interleaving copy (an add that reads the permuted view is
     # ~4x slower in bf16); the native kernel adds it while interleaving
@@ -225,7 +226,8 @@ class _MonarchMultiply(torch.autograd.Function):
         # a CPU bmm in bf16/fp16 copies operands that are not stacks of row-major
         # matrices (x's and grad h's blocks are strided); grad w1 one mm per block
         # reads them in place: 1.2-1.8x faster, measured (a float32 bmm is faster)
-        blockwise = x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+        blockwise = (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+                     and n_tokens > SMALL_BATCH)  # few tokens: the copies are cheaper than calls
         acc = torch.float32 if low else x.dtype
         grad_w2 = torch.zeros_like(w2, dtype=acc) if need_w2 else None
         grad_w1f = torch.zeros_like(w1f, dtype=acc) if need_w1 or (fused and need_a) else None
