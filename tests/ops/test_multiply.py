@@ -178,6 +178,24 @@ def test_wide_blocks_in_low_precision_match_float64(monkeypatch, dtype):
         assert float((a.detach().double() - b.detach()).norm() / b.detach().norm()) < 1e-2
 
 
+def test_chunks_step_off_the_cache_set_aliasing(monkeypatch):
+    """16 bf16 blocks of 32: 64-token chunks would put each chunk's output
+    gradient blocks 4 KiB apart, so chunks are 62 tokens, and stay exact."""
+    monkeypatch.setattr(multiply_module, "CHUNK_BYTES", 64 * 1024 * 2)
+    x = torch.randn(300, 512, dtype=torch.bfloat16)
+    w1 = torch.randn(16, 32, 32, dtype=torch.bfloat16) / 6
+    w2 = torch.randn(16, 32, 32, dtype=torch.bfloat16) / 6
+    assert multiply_module.chunk_tokens(300, 512, 512, torch.bfloat16, x.device) == 64
+    assert multiply_module._forward_chunks(x, w1, w2, None, keep_middle=True)[2] == 62
+    ref = [t.double().requires_grad_() for t in (x, w1, w2)]
+    g = torch.randn(300, 512, dtype=torch.float64)
+    want = torch.autograd.grad(monarch_multiply_reference(*ref), ref, g)
+    low = [t.clone().requires_grad_() for t in (x, w1, w2)]
+    got = torch.autograd.grad(monarch_multiply(*low), low, g.bfloat16())
+    for a, b in zip(got, want):
+        assert float((a.double() - b).norm() / b.norm()) < 1e-2
+
+
 def test_chunk_size_follows_cache_budget():
     cpu = torch.device("cpu")
     chunk = multiply_module.chunk_tokens(8192, 768, 3072, torch.float32, cpu)
