@@ -291,6 +291,8 @@ def _setup() -> dict[str, str]:
         "native_kernels": native.status(),
         "huge_pages": ("on (madvise for large outputs)" if memory.huge_pages_enabled()
                        else f"off ({memory.ENV_SWITCH}=1 turns them on)"),
+        "freed_memory": ("retained (glibc mallopt)" if memory.freed_memory_retained()
+                         else "not retained (default malloc)"),
         "system_thp": thp.read_text().strip() if thp.exists() else "n/a",
         "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "unset"),
         "LD_PRELOAD": os.environ.get("LD_PRELOAD", "unset"),

@@ -1,4 +1,4 @@
-"""Fresh CPU tensors backed by transparent huge pages, when asked for.
+"""Fresh CPU memory without page faults: reuse freed memory, or huge pages when asked.
 
 A large CPU tensor comes from a fresh ``mmap``, and the first write to each 4
 KiB page takes a page fault that zero-fills it: for an 8192x3072 float32
@@ -15,6 +15,17 @@ environment turns it on.  The advice is only a hint: it changes no value, is
 skipped off Linux, off the CPU and for small tensors, and needs the system's
 THP mode to be ``madvise`` or ``always``.  Only buffers of 32 MiB and more
 are advised (see ``MIN_BYTES``).
+
+The other way round the faults is not to hand large blocks back to the kernel
+at all.  :func:`retain_freed_memory` tells glibc's malloc to serve them from
+its heap and keep what is freed for the next request, as PyTorch's GPU caching
+allocator does on CUDA: a training step's 32 MiB buffers are then faulted in
+once per process instead of once per step.  It is a process-wide setting (the
+process's memory stays near its peak), so the library never makes it on its
+own; the ``monarch-matrices`` commands make it at start-up (our programs own
+their process) unless ``MONARCH_MATRICES_RETAIN_MEMORY=0``.  On a machine
+without glibc it does nothing; ``LD_PRELOAD`` of jemalloc or tcmalloc, the
+usual PyTorch CPU advice, has much the same effect.
 """
 
 from __future__ import annotations
@@ -27,7 +38,7 @@ import torch
 
 from .native import plain_cpu_tensor, switched_on
 
-__all__ = ["empty_huge", "huge_pages_enabled"]
+__all__ = ["empty_huge", "freed_memory_retained", "huge_pages_enabled", "retain_freed_memory"]
 
 HUGE_PAGE = 2 * 2**20
 MADV_HUGEPAGE = 14  # <sys/mman.h> on Linux
@@ -39,6 +50,61 @@ MIN_BYTES = 32 * 2**20
 
 
 ENV_SWITCH = "MONARCH_MATRICES_HUGE_PAGES"
+RETAIN_ENV = "MONARCH_MATRICES_RETAIN_MEMORY"
+
+# mallopt(3) parameters, <malloc.h>
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+# below this, requests come from the heap (the default puts everything from
+# 128 KiB to 32 MiB up to a threshold that moves, and all above, in fresh mmaps)
+RETAIN_MMAP_THRESHOLD = 2**30
+# free memory at the heap's top kept rather than returned: the most an int holds
+RETAIN_TRIM_THRESHOLD = 2**31 - 1
+_retained = False
+
+
+def _glibc_mallopt():
+    """glibc's ``mallopt``, or ``None`` (another libc, or not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        if not hasattr(libc, "gnu_get_libc_version"):  # musl's mallopt does nothing
+            return None
+        fn = libc.mallopt
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def retain_freed_memory() -> bool:
+    """Make this process's malloc keep freed memory for reuse; ``True`` if it did.
+
+    Large CPU tensors then come from memory the process already touched, with
+    no page faults: a fresh 32 MiB buffer costs about 11 ms of faults and
+    zero-filling on a 2-core VM, a fifth to a third of a Monarch training step
+    at 4096 features (docs/speed.md, item 10).  Process-wide and not undone:
+    the process keeps about its peak memory.  Same as starting Python with
+    ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=2147483647``.
+    Does nothing (``False``) without glibc.  Idempotent.
+    """
+    global _retained
+    if _retained:
+        return True
+    mallopt = _glibc_mallopt()
+    if mallopt is None:
+        return False
+    ok = (mallopt(_M_MMAP_THRESHOLD, RETAIN_MMAP_THRESHOLD) == 1
+          and mallopt(_M_TRIM_THRESHOLD, RETAIN_TRIM_THRESHOLD) == 1)
+    _retained = ok
+    return ok
+
+
+def freed_memory_retained() -> bool:
+    """Whether :func:`retain_freed_memory` took effect in this process."""
+    return _retained
 
 
 @cache
@@ -66,7 +132,9 @@ def advise_huge_pages(t: torch.Tensor) -> torch.Tensor:
     if not plain_cpu_tensor(t):  # FakeTensor has no memory, a compiled graph no ctypes
         return t
     nbytes = t.untyped_storage().nbytes()
-    madvise = _madvise() if nbytes >= MIN_BYTES else None
+    # retained memory is heap memory, reused by later requests and touched
+    # already: advice would outlive the tensor and buy nothing
+    madvise = _madvise() if nbytes >= MIN_BYTES and not _retained else None
     if madvise is not None:
         start = t.untyped_storage().data_ptr()
         lo = -(-start // HUGE_PAGE) * HUGE_PAGE

@@ -1,0 +1,95 @@
+"""Retaining freed memory (ops.memory): fewer page faults, and only when asked.
+
+The setting is process-wide, so every check that makes it runs in a fresh
+subprocess (conftest.py keeps the suite's own process at the default).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from monarch_matrices.ops import memory
+
+
+def _has_glibc() -> bool:
+    try:
+        ctypes.CDLL(None).gnu_get_libc_version  # noqa: B018
+    except (OSError, AttributeError):
+        return False
+    return sys.platform.startswith("linux")
+
+
+glibc_only = pytest.mark.skipif(not _has_glibc(), reason="needs glibc's mallopt")
+
+# faults taken by filling a fresh 64 MiB tensor after an earlier one was freed
+_FAULTS = textwrap.dedent("""
+    import resource, sys, torch
+    from monarch_matrices.ops import memory
+    if sys.argv[1] == "retain":
+        assert memory.retain_freed_memory() and memory.retain_freed_memory()
+        assert memory.freed_memory_retained()
+    else:
+        assert not memory.freed_memory_retained()
+    torch.empty(16 * 2**20).fill_(1.0)  # 64 MiB, then freed
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    t = torch.empty(16 * 2**20).fill_(2.0)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    assert float(t[-1]) == 2.0
+""")
+
+
+def _faults(mode: str) -> int:
+    done = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True,
+                          text=True, check=True, timeout=120)
+    return int(done.stdout.split()[-1])
+
+
+@glibc_only
+def test_retained_memory_is_reused_without_page_faults():
+    pages = 64 * 2**20 // 4096  # 16384 pages of 4 KiB
+    assert _faults("default") > pages // 2  # a fresh mmap, faulted in page by page
+    assert _faults("retain") < pages // 16  # the freed block again, already touched
+
+
+def test_the_suite_itself_runs_with_the_default_malloc():
+    assert os.environ[memory.RETAIN_ENV] == "0"
+    assert not memory.freed_memory_retained()
+
+
+def test_without_glibc_nothing_is_changed(monkeypatch):
+    monkeypatch.setattr(memory, "_glibc_mallopt", lambda: None)
+    assert memory.retain_freed_memory() is False
+    assert not memory.freed_memory_retained()
+
+
+def test_huge_page_advice_is_skipped_on_retained_memory(monkeypatch):
+    calls = []
+    monkeypatch.setattr(memory, "_madvise", lambda: lambda *a: calls.append(a))
+    memory.empty_huge(torch.ones(1), memory.MIN_BYTES // 4)
+    assert len(calls) == 1  # advised when memory comes fresh from mmap
+    monkeypatch.setattr(memory, "_retained", True)
+    memory.empty_huge(torch.ones(1), memory.MIN_BYTES // 4)
+    assert len(calls) == 1  # heap memory: no advice
+
+
+@glibc_only
+@pytest.mark.parametrize(("value", "shown"), [(None, "freed_memory: retained"),
+                                              ("0", "freed_memory: not retained")])
+def test_the_cli_retains_freed_memory_unless_told_not_to(value, shown):
+    env = {k: v for k, v in os.environ.items() if k != memory.RETAIN_ENV}
+    if value is not None:
+        env[memory.RETAIN_ENV] = value
+    done = subprocess.run(
+        [sys.executable, "-m", "monarch_matrices.cli", "bench", "--cases", "small1-fc1",
+         "--dtype", "float32", "--mode", "forward", "--repeats", "1"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert shown in done.stdout
