@@ -128,6 +128,7 @@ def main() -> int:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"{recipe} ({batch}; bf16={args.bf16}; compile={args.compile}; "
           f"{torch.get_num_threads()} threads; "
+          f"freed memory {'retained' if memory.freed_memory_retained() else 'returned'}; "
           f"load {load:.2f}; {repeats} paired repeats)")
     for kind in models:
         print(f"  {kind:8s} params {params[kind] / 1e6:7.2f}M  step median "
