@@ -28,7 +28,7 @@ def _has_glibc() -> bool:
 
 glibc_only = pytest.mark.skipif(not _has_glibc(), reason="needs glibc's mallopt")
 
-# faults taken by filling a fresh 64 MiB tensor after an earlier one was freed
+# faults taken by each of 10 fills of a fresh 64 MiB tensor, each freed before the next
 _FAULTS = textwrap.dedent("""
     import resource, sys, torch
     from monarch_matrices.ops import memory
@@ -37,25 +37,31 @@ _FAULTS = textwrap.dedent("""
         assert memory.freed_memory_retained()
     else:
         assert not memory.freed_memory_retained()
-    torch.empty(16 * 2**20).fill_(1.0)  # 64 MiB, then freed
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    t = torch.empty(16 * 2**20).fill_(2.0)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    assert float(t[-1]) == 2.0
+    faults = []
+    for i in range(10):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        t = torch.empty(16 * 2**20).fill_(float(i))
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        assert float(t[-1]) == i
+        del t
+    print(*faults)
 """)
 
 
-def _faults(mode: str) -> int:
+def _faults(mode: str) -> list[int]:
     done = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True,
                           text=True, check=True, timeout=120)
-    return int(done.stdout.split()[-1])
+    return [int(v) for v in done.stdout.split()]
 
 
 @glibc_only
 def test_retained_memory_is_reused_without_page_faults():
     pages = 64 * 2**20 // 4096  # 16384 pages of 4 KiB
-    assert _faults("default") > pages // 2  # a fresh mmap, faulted in page by page
-    assert _faults("retain") < pages // 16  # the freed block again, already touched
+    # by default every fill is a fresh mmap, faulted in page by page
+    assert min(_faults("default")[5:]) > pages // 2
+    # retained: the heap grows once or twice (a small allocation can split a freed
+    # block), then the freed blocks come back already touched
+    assert sum(_faults("retain")[5:]) < pages // 4
 
 
 def test_the_suite_itself_runs_with_the_default_malloc():
