@@ -290,6 +290,8 @@ def _setup() -> dict[str, str]:
     return {
         "native_kernels": native.status(),
         "huge_pages": ("on (madvise for large outputs)" if memory.huge_pages_enabled()
+                       else "asked for, unused (freed memory is retained)"
+                       if memory.huge_pages_requested()
                        else f"off ({memory.ENV_SWITCH}=1 turns them on)"),
         "freed_memory": ("retained (glibc mallopt)" if memory.freed_memory_retained()
                          else "not retained (default malloc)"),

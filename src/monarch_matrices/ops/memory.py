@@ -38,7 +38,8 @@ import torch
 
 from .native import plain_cpu_tensor, switched_on
 
-__all__ = ["empty_huge", "freed_memory_retained", "huge_pages_enabled", "retain_freed_memory"]
+__all__ = ["empty_huge", "freed_memory_retained", "huge_pages_enabled", "huge_pages_requested",
+           "retain_freed_memory"]
 
 HUGE_PAGE = 2 * 2**20
 MADV_HUGEPAGE = 14  # <sys/mman.h> on Linux
@@ -56,8 +57,11 @@ RETAIN_ENV = "MONARCH_MATRICES_RETAIN_MEMORY"
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 # below this, requests come from the heap (the default puts everything from
-# 128 KiB to 32 MiB up to a threshold that moves, and all above, in fresh mmaps)
+# 128 KiB to 32 MiB up to a threshold that moves, and all above, in fresh mmaps);
+# older glibc refuses more than its DEFAULT_MMAP_THRESHOLD_MAX, 32 MiB on 64-bit,
+# which is then used instead (blocks above it stay fresh mmaps)
 RETAIN_MMAP_THRESHOLD = 2**30
+_MMAP_THRESHOLD_MAX_OLD = 32 * 2**20
 # free memory at the heap's top kept rather than returned: the most an int holds
 RETAIN_TRIM_THRESHOLD = 2**31 - 1
 _retained = False
@@ -96,7 +100,8 @@ def retain_freed_memory() -> bool:
     mallopt = _glibc_mallopt()
     if mallopt is None:
         return False
-    ok = (mallopt(_M_MMAP_THRESHOLD, RETAIN_MMAP_THRESHOLD) == 1
+    ok = (any(mallopt(_M_MMAP_THRESHOLD, v) == 1
+              for v in (RETAIN_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX_OLD))
           and mallopt(_M_TRIM_THRESHOLD, RETAIN_TRIM_THRESHOLD) == 1)
     _retained = ok
     return ok
@@ -122,9 +127,18 @@ def _madvise():
     return fn
 
 
-def huge_pages_enabled() -> bool:
-    """Whether large CPU outputs are advised onto huge pages in this process."""
+def huge_pages_requested() -> bool:
+    """Whether ``MONARCH_MATRICES_HUGE_PAGES`` asks for huge pages (and madvise exists)."""
     return _madvise() is not None
+
+
+def huge_pages_enabled() -> bool:
+    """Whether large CPU outputs are advised onto huge pages in this process.
+
+    Asked for and freed memory not retained: retained memory is reused heap
+    memory, which is never advised (see :func:`advise_huge_pages`).
+    """
+    return huge_pages_requested() and not _retained
 
 
 def advise_huge_pages(t: torch.Tensor) -> torch.Tensor:
