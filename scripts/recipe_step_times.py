@@ -27,7 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from monarch_matrices.ops import memory, native
+from monarch_matrices.ops import memory
 from monarch_matrices.recipes import load_recipe
 from monarch_matrices.recipes.common import make_optimizer
 
@@ -94,8 +94,7 @@ def main() -> int:
         repeats = int(rest[i + 1])
         del rest[i : i + 2]
     args = recipe_args(recipe, rest)
-    if not native.switched_off(memory.RETAIN_ENV):  # as the CLI (docs/speed.md, item 10)
-        memory.retain_freed_memory()
+    memory.retain_freed_memory_unless_switched_off()  # as the CLI (docs/speed.md, item 10)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

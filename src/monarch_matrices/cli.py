@@ -416,23 +416,15 @@ def _convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _retain_freed_memory() -> None:
-    """Keep freed memory in this process (ops.memory): a command owns its process.
-
-    Large tensors then skip page faults (docs/speed.md, item 10);
-    ``MONARCH_MATRICES_RETAIN_MEMORY=0`` leaves malloc as it is.
-    """
-    from .ops import memory, native
-
-    if not native.switched_off(memory.RETAIN_ENV):
-        memory.retain_freed_memory()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (see the module docstring)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    _retain_freed_memory()
+    from .ops import memory
+
+    # a command owns its process: large tensors then skip page faults (docs/speed.md,
+    # item 10); MONARCH_MATRICES_RETAIN_MEMORY=0 leaves malloc as it is
+    memory.retain_freed_memory_unless_switched_off()
     try:
         return args.func(args)
     except _Failure as e:

@@ -36,10 +36,10 @@ from functools import cache
 
 import torch
 
-from .native import plain_cpu_tensor, switched_on
+from .native import plain_cpu_tensor, switched_off, switched_on
 
 __all__ = ["empty_huge", "freed_memory_retained", "huge_pages_enabled", "huge_pages_requested",
-           "retain_freed_memory"]
+           "retain_freed_memory", "retain_freed_memory_unless_switched_off"]
 
 HUGE_PAGE = 2 * 2**20
 MADV_HUGEPAGE = 14  # <sys/mman.h> on Linux
@@ -67,17 +67,23 @@ RETAIN_TRIM_THRESHOLD = 2**31 - 1
 _retained = False
 
 
-def _glibc_mallopt():
-    """glibc's ``mallopt``, or ``None`` (another libc, or not Linux)."""
+@cache
+def _libc():
+    """The process's C library (with errno), or ``None`` off Linux."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(None)
-        if not hasattr(libc, "gnu_get_libc_version"):  # musl's mallopt does nothing
-            return None
-        fn = libc.mallopt
-    except (OSError, AttributeError):
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
         return None
+
+
+def _glibc_mallopt():
+    """glibc's ``mallopt``, or ``None`` (another libc, or not Linux)."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "gnu_get_libc_version"):  # musl's does nothing
+        return None
+    fn = libc.mallopt
     fn.argtypes = [ctypes.c_int, ctypes.c_int]
     fn.restype = ctypes.c_int
     return fn
@@ -107,6 +113,15 @@ def retain_freed_memory() -> bool:
     return ok
 
 
+def retain_freed_memory_unless_switched_off() -> bool:
+    """:func:`retain_freed_memory` unless ``MONARCH_MATRICES_RETAIN_MEMORY=0``.
+
+    What a program that owns its process calls at start-up: the
+    ``monarch-matrices`` commands and ``scripts/recipe_step_times.py``.
+    """
+    return False if switched_off(RETAIN_ENV) else retain_freed_memory()
+
+
 def freed_memory_retained() -> bool:
     """Whether :func:`retain_freed_memory` took effect in this process."""
     return _retained
@@ -114,13 +129,9 @@ def freed_memory_retained() -> bool:
 
 @cache
 def _madvise():
-    if not sys.platform.startswith("linux"):
-        return None
-    if not switched_on(ENV_SWITCH):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
+    libc = _libc() if switched_on(ENV_SWITCH) else None
+    fn = getattr(libc, "madvise", None)
+    if fn is None:
         return None
     fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     fn.restype = ctypes.c_int
