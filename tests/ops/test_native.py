@@ -2,7 +2,8 @@
 
 ``make`` builds the kernels, so they must be loaded here unless the run turns
 them off with ``MONARCH_MATRICES_NATIVE=0``; every kernel result must equal
-the ``copy_``/``add_`` path bit for bit, and so must whole multiplies.
+the ``copy_``/``add_`` path bit for bit, and so must whole multiplies (but for
+the bias gradient, a column sum the kernel adds up in another order).
 """
 
 from __future__ import annotations
@@ -81,6 +82,56 @@ def test_deinterleave_matches_copy(kernels, dtype, l):
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("l", [1, 4, 7, 16])
+@pytest.mark.parametrize("n1", [1, 3, 4, 9, 130])  # rows in groups of 4 and the rest
+def test_deinterleave_column_sum(kernels, dtype, l, n1):
+    gen = torch.Generator().manual_seed(n1 * 100 + l)
+    n2, m = 2, 11
+    src = torch.randn(n1, n2, m, l, generator=gen).to(dtype)
+    dst = torch.empty(n1, n2, l, m, dtype=dtype)
+    start = torch.randn(m * l, generator=gen)
+    colsum = start.to(permute.column_sum_dtype(dtype), copy=True)
+    kernels.deinterleave_(dst, src, colsum)
+    assert torch.equal(_bits(dst), _bits(src.transpose(2, 3).contiguous()))  # still the copy
+    want = start.double() + src.double().sum(dim=(0, 1)).reshape(-1)  # flattened as e·l + v
+    tol = 1e-12 if colsum.dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(colsum.double(), want, rtol=tol, atol=tol * n1 * n2)
+
+
+@needs_kernels
+def test_deinterleave_column_sum_refuses_a_wrong_accumulator(kernels):
+    src = torch.randn(3, 1, 5, 4, dtype=torch.bfloat16)
+    dst = torch.empty(3, 1, 4, 5, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="sum must be a contiguous CPU Float tensor of 20"):
+        kernels.deinterleave_(dst, src, torch.zeros(20, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="of 20 elements"):
+        kernels.deinterleave_(dst, src, torch.zeros(19))
+    with pytest.raises(RuntimeError, match="Double tensor"):
+        kernels.deinterleave_(dst.float(), src.float(), torch.zeros(20))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.complex64])
+def test_permute_deinterleave_column_sum_with_and_without_kernels(monkeypatch, dtype):
+    gen = torch.Generator().manual_seed(1)
+    src = torch.randn(37, 1, 6, 4, generator=gen).to(dtype)
+    if dtype.is_complex:
+        src = src + 1j * torch.randn(src.shape, generator=gen)
+    want = src.to(torch.complex128 if dtype.is_complex else torch.float64).sum(dim=(0, 1))
+    results = []
+    for native_path in (True, False):
+        if not native_path:
+            _without_kernels(monkeypatch)
+        colsum = torch.zeros(24, dtype=permute.column_sum_dtype(dtype))
+        dst = torch.empty(37, 1, 4, 6, dtype=dtype)
+        permute.deinterleave_(dst, src, colsum)
+        assert torch.equal(dst, src.transpose(2, 3).contiguous())
+        results.append(colsum)
+    for colsum in results:
+        torch.testing.assert_close(colsum.to(want.dtype), want.reshape(-1), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
 def test_kernels_refuse_bad_views(kernels):
     src = torch.randn(2, 1, 4, 6)
     with pytest.raises(RuntimeError, match="last two dims swapped"):
@@ -131,8 +182,11 @@ def test_multiply_and_gradients_equal_the_pytorch_path_bit_for_bit(monkeypatch, 
     fast = run()
     _without_kernels(monkeypatch)
     slow = run()
-    for a, b in zip(fast, slow):
-        assert torch.equal(a, b)
+    for i, (a, b) in enumerate(zip(fast, slow)):
+        if i == 5:  # the bias gradient: the same float32/float64 sum, added in another order
+            torch.testing.assert_close(a, b, rtol=1e-6 if dtype == torch.float32 else 0.01, atol=0)
+        else:
+            assert torch.equal(a, b)
 
 
 def test_status_and_switch(monkeypatch):

@@ -43,10 +43,25 @@ def interleave_(
     dst.copy_(src.transpose(2, 3))
 
 
-def deinterleave_(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """``dst[i, j, v, e] = src[i, j, e, v]``: ``src``'s last two dims contiguous, ``dst``'s rows."""
+def column_sum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulator :func:`deinterleave_`'s column sum takes for a source dtype."""
+    if dtype.is_complex:
+        return torch.complex128
+    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def deinterleave_(dst: torch.Tensor, src: torch.Tensor, colsum: torch.Tensor | None = None) -> None:
+    """``dst[i, j, v, e] = src[i, j, e, v]``: ``src``'s last two dims contiguous, ``dst``'s rows.
+
+    With ``colsum`` (``l·m`` elements of :func:`column_sum_dtype`) also adds
+    ``src`` summed over its first two dims, flattened as ``e·l + v``: a bias
+    gradient taken in the same pass (the native kernel sums each row while it
+    is in L1).
+    """
     kernels = _native_for(src)
-    if kernels is not None:
-        kernels.deinterleave_(dst, src)
+    if kernels is not None and (colsum is None or native.plain_cpu_tensor(colsum)):
+        kernels.deinterleave_(dst, src, colsum)
         return
     dst.copy_(src.transpose(2, 3))
+    if colsum is not None:
+        colsum.add_(src.sum(dim=(0, 1), dtype=colsum.dtype).view(colsum.shape))

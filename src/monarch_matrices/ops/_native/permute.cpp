@@ -11,7 +11,13 @@
 // reduced-precision adds are done in float and rounded once, as PyTorch does).
 //
 //   interleave_(dst, src, bias):  dst[i, j, e, v] = src[i, j, v, e] (+ bias[e*L + v])
-//   deinterleave_(dst, src):      dst[i, j, v, e] = src[i, j, e, v]
+//   deinterleave_(dst, src, sum): dst[i, j, v, e] = src[i, j, e, v]
+//                                 (and sum[e*L + v] += src[i, j, e, v] over all i, j)
+//
+// The optional column sum is the bias gradient of a layer whose output gradient
+// is being deinterleaved: taken while each row is in L1, it saves a pass over
+// the whole gradient. It accumulates in float64 for float/double and in float
+// for bf16/fp16 (which round the result to 8 or 11 bits anyway).
 //
 // with 4-D views (n1, n2, ., .): the two outer dims are any strides (token,
 // block), the inner (e, v) pair of the interleaved side is contiguous, and
@@ -21,8 +27,11 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
+#include <vector>
 
 namespace {
 
@@ -123,6 +132,52 @@ void deinterleave_impl(const torch::Tensor& dst, const torch::Tensor& src) {
   });
 }
 
+// deinterleave_impl, and each source row added into `sum` (AccT) while it is in L1.
+// `Load` turns an element into AccT. Every task sums its rows locally, then adds
+// its partial sum under a lock, so the result does not depend on the thread count
+// beyond rounding.
+template <typename T, typename AccT, int L, typename Load>
+void deinterleave_sum_impl(const torch::Tensor& dst, const torch::Tensor& src, AccT* sum,
+                           Load load) {
+  const int64_t n1 = dst.size(0), n2 = dst.size(1), l = dst.size(2), m = dst.size(3);
+  const int64_t s1 = src.stride(0), s2 = src.stride(1);
+  const int64_t d1 = dst.stride(0), d2 = dst.stride(1), dv = dst.stride(2);
+  const T* sp = reinterpret_cast<const T*>(src.data_ptr());
+  T* dp = reinterpret_cast<T*>(dst.data_ptr());
+  const int64_t width = l * m;
+  std::mutex lock;
+  at::parallel_for(0, n1 * n2, grain(width), [&](int64_t begin, int64_t end) {
+    std::vector<AccT> local(width, AccT(0));
+    AccT* __restrict acc = local.data();
+    constexpr int kRows = 4;  // rows added per pass over acc: a quarter of acc's loads and stores
+    const T* rows[kRows];
+    for (int64_t r0 = begin; r0 < end; r0 += kRows) {
+      const int64_t count = std::min<int64_t>(kRows, end - r0);
+      for (int64_t t = 0; t < kRows; ++t) {
+        const int64_t r = r0 + std::min<int64_t>(t, count - 1);
+        const int64_t i = r / n2, j = r % n2;
+        rows[t] = sp + i * s1 + j * s2;
+        if (t < count) deinterleave_row<L, T>(rows[t], dp + i * d1 + j * d2, dv, m, l);
+      }
+      if (count == kRows) {
+        const T* __restrict a = rows[0];
+        const T* __restrict b = rows[1];
+        const T* __restrict c2 = rows[2];
+        const T* __restrict d = rows[3];
+        for (int64_t c = 0; c < width; ++c)
+          acc[c] += (load(a[c]) + load(b[c])) + (load(c2[c]) + load(d[c]));
+      } else {
+        for (int64_t t = 0; t < count; ++t) {
+          const T* __restrict a = rows[t];
+          for (int64_t c = 0; c < width; ++c) acc[c] += load(a[c]);
+        }
+      }
+    }
+    std::lock_guard<std::mutex> guard(lock);
+    for (int64_t c = 0; c < width; ++c) sum[c] += acc[c];
+  });
+}
+
 // Dispatch on the group size: the common nblocks get unrolled shuffles.
 template <typename F>
 void with_group_size(int64_t l, F&& f) {
@@ -186,13 +241,58 @@ void interleave_(torch::Tensor dst, torch::Tensor src, c10::optional<torch::Tens
   });
 }
 
-void deinterleave_(torch::Tensor dst, torch::Tensor src) {
+// The accumulator dtype of deinterleave_'s column sum for a source dtype.
+at::ScalarType sum_type(at::ScalarType t) {
+  return (t == at::kFloat || t == at::kDouble) ? at::kDouble : at::kFloat;
+}
+
+void deinterleave_(torch::Tensor dst, torch::Tensor src, c10::optional<torch::Tensor> sum) {
   check_common(dst, src, "deinterleave_");
   const int64_t l = dst.size(2), m = dst.size(3);
   TORCH_CHECK(dst.stride(3) == 1 || m == 1, "deinterleave_: dst rows must be contiguous");
   TORCH_CHECK(src.stride(3) == 1 && (src.stride(2) == l || m == 1),
               "deinterleave_: src's last two dims must be contiguous");
+  const bool has_sum = sum.has_value() && sum->defined();
+  if (has_sum) {
+    const auto want = sum_type(src.scalar_type());
+    TORCH_CHECK(src.scalar_type() == at::kFloat || src.scalar_type() == at::kDouble ||
+                    src.scalar_type() == at::kBFloat16 || src.scalar_type() == at::kHalf,
+                "deinterleave_: a column sum needs a float, double, bf16 or fp16 source, got ",
+                src.scalar_type());
+    TORCH_CHECK(sum->is_contiguous() && sum->numel() == l * m && sum->scalar_type() == want &&
+                    sum->device().is_cpu(),
+                "deinterleave_: sum must be a contiguous CPU ", want, " tensor of ", l * m,
+                " elements");
+  }
   if (src.numel() == 0) return;
+  if (has_sum) {
+    with_group_size(l, [&](auto L) {
+      constexpr int G = decltype(L)::value;
+      switch (src.scalar_type()) {
+        case at::kFloat:
+          deinterleave_sum_impl<float, double, G>(dst, src, sum->data_ptr<double>(),
+                                                  [](float x) { return double(x); });
+          break;
+        case at::kDouble:
+          deinterleave_sum_impl<double, double, G>(dst, src, sum->data_ptr<double>(),
+                                                   [](double x) { return x; });
+          break;
+        case at::kBFloat16:
+          deinterleave_sum_impl<uint16_t, float, G>(dst, src, sum->data_ptr<float>(),
+                                                    [](uint16_t x) { return bf16_to_float(x); });
+          break;
+        default: {  // kHalf (checked above)
+          deinterleave_sum_impl<uint16_t, float, G>(dst, src, sum->data_ptr<float>(),
+                                                    [](uint16_t x) {
+                                                      c10::Half h;
+                                                      h.x = x;
+                                                      return static_cast<float>(h);
+                                                    });
+        }
+      }
+    });
+    return;
+  }
   with_group_size(l, [&](auto L) {
     constexpr int G = decltype(L)::value;
     switch (src.element_size()) {  // a pure copy: only the width of an element matters
@@ -208,6 +308,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Monarch stride permutations as vectorized CPU kernels";
   m.def("interleave_", &interleave_, "dst[i,j,e,v] = src[i,j,v,e] (+ bias[e*l+v])",
         py::arg("dst"), py::arg("src"), py::arg("bias") = py::none());
-  m.def("deinterleave_", &deinterleave_, "dst[i,j,v,e] = src[i,j,e,v]", py::arg("dst"),
-        py::arg("src"));
+  m.def("deinterleave_", &deinterleave_,
+        "dst[i,j,v,e] = src[i,j,e,v] (and sum[e*l+v] += src[i,j,e,v] over i, j)",
+        py::arg("dst"), py::arg("src"), py::arg("sum") = py::none());
 }
