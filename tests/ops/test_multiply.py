@@ -332,11 +332,16 @@ def test_inference_paths_match_reference(monkeypatch, tokens):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_factor_gradients_are_summed_over_chunks_in_float32(monkeypatch, dtype):
+@pytest.mark.parametrize("w1_group", [1, 5, None])  # chunks per grad-w1 GEMM; None: all
+def test_low_precision_factor_gradients_are_summed_over_chunks_in_float32(
+        monkeypatch, dtype, w1_group):
     """Many chunks must not cost weight-gradient accuracy against one GEMM over all tokens."""
     gen = torch.Generator().manual_seed(0)
     k, q, p, l, s = 4, 32, 32, 4, 64
     r = k * q // l
+    if w1_group is not None:  # grad h of 64-token chunks, (q + 3) columns per block at most
+        group_bytes = w1_group * 64 * k * (q + 3) * 2
+        monkeypatch.setattr(multiply_module, "GRAD_W1_GROUP_BYTES", group_bytes)
     x = torch.randn(4096, k * p, generator=gen, dtype=F64)
     w1 = torch.randn(k, q, p, generator=gen, dtype=F64) / p**0.5
     w2 = torch.randn(l, s, r, generator=gen, dtype=F64) / r**0.5
