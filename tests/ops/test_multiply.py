@@ -123,17 +123,31 @@ def test_chunked_path_matches_reference(monkeypatch, dtype, needs):
         torch.testing.assert_close(a, b)
 
 
-def test_block_major_buffers_spread_over_the_cache_sets():
+def test_chunk_buffers_spread_over_the_cache_sets():
     # l streams a multiple of 4 KiB apart share one L1 set; the padded block
     # stride (4 KiB multiple plus a cache line) spreads them
     assert multiply_module._streams_per_set(16, 384 * 256 * 2) == 16
     assert multiply_module._streams_per_set(16, 383 * 256 * 2) == 2
     assert multiply_module._streams_per_set(4, 4096) == 4
     x = torch.randn(3, dtype=torch.bfloat16)
-    buf = multiply_module._block_major(x, 16, 384, 256)
-    assert buf.shape == (16, 384, 256) and buf.stride()[1:] == (256, 1)
-    assert multiply_module._streams_per_set(16, buf.stride(0) * 2) == 1
-    assert buf[0].is_contiguous() and not buf[:, :5].is_contiguous()
+    # chunks of 384 and a tail of 101 tokens: the full chunks' blocks would crowd
+    # (padded), the tail's do not (one contiguous tensor, as a bf16 bmm wants)
+    flat = multiply_module._chunk_buffer(x, 16, 3 * 384 + 101, 384, 256)
+    chunks = [multiply_module._chunk_of(flat, start, n, 384, 16, 256)
+              for start, n in ((0, 384), (384, 384), (768, 384), (1152, 101))]
+    for c in chunks[:3]:
+        assert c.shape == (16, 384, 256) and c.stride()[1:] == (256, 1)
+        assert multiply_module._streams_per_set(16, c.stride(0) * 2) == 1
+        assert c[0].is_contiguous() and not c.is_contiguous()
+    assert chunks[3].shape == (16, 101, 256) and chunks[3].is_contiguous()
+    for c in chunks:  # every chunk in its own part of the buffer
+        c.fill_(1)
+    assert flat.sum() == 16 * 256 * (3 * 384 + 101)
+    # reused: room for the largest one chunk at a time
+    one = multiply_module._chunk_buffer(x, 16, 3 * 384 + 101, 384, 256, reused=True)
+    assert one.numel() == 16 * chunks[0].stride(0)
+    tail = multiply_module._chunk_of(one, 0, 101, 384, 16, 256)
+    assert tail.is_contiguous() and tail.data_ptr() == one.data_ptr()
 
 
 @pytest.mark.parametrize("tokens", [256, 255])

@@ -86,15 +86,40 @@ def _block_stride(rows: int, cols: int, element_size: int) -> int:
     return -(-nbytes // element_size)
 
 
-def _block_major(like: torch.Tensor, blocks: int, rows: int, cols: int) -> torch.Tensor:
-    """A ``(blocks, rows, cols)`` buffer, rows contiguous, blocks ``_block_stride`` apart.
+def _chunk_stride(blocks: int, n: int, cols: int, element_size: int) -> int:
+    """Elements between the blocks of one chunk's block-major ``(blocks, n, cols)``.
 
-    Its ``[:, :n]`` slices are stacks of row-major matrices, which a ``bmm`` reads
-    as they are (a bf16 ``bmm`` copies a token-major ``(n, blocks, cols)`` view
-    first), and the permutation kernels stream into it at full speed.
+    Block-major, so that every GEMM reads a stack of row-major matrices; ``n·cols``,
+    one contiguous tensor, where the blocks do not crowd into one L1 set: a CPU
+    ``bmm`` in bf16/fp16 reads only that as it is and copies anything else first,
+    padded or sliced stacks included (a float32 ``bmm`` takes any batch stride).
+    Else :func:`_block_stride`, for the permutation kernels' sake.
     """
-    stride = _block_stride(rows, cols, like.element_size())
-    return like.new_empty(blocks, stride)[:, : rows * cols].view(blocks, rows, cols)
+    if _streams_per_set(blocks, n * cols * element_size) <= 4:
+        return n * cols
+    return _block_stride(n, cols, element_size)
+
+
+def _chunk_buffer(like: torch.Tensor, blocks: int, n_tokens: int, chunk: int, cols: int,
+                  reused: bool = False) -> torch.Tensor:
+    """Flat storage for every chunk's ``(blocks, n, cols)``, one chunk after another,
+    or with ``reused`` room for any one of them (:func:`_chunk_of` cuts them out)."""
+    esize = like.element_size()
+    full, last = divmod(n_tokens, chunk)
+    slots = [_chunk_stride(blocks, chunk, cols, esize)] * min(full, 1 if reused else full)
+    if last:
+        slots.append(_chunk_stride(blocks, last, cols, esize))
+    return like.new_empty(blocks * (max(slots, default=0) if reused else sum(slots)))
+
+
+def _chunk_of(flat: torch.Tensor, start: int, n: int, chunk: int, blocks: int,
+              cols: int) -> torch.Tensor:
+    """The ``(blocks, n, cols)`` of the chunk at token ``start`` in a :func:`_chunk_buffer`."""
+    esize = flat.element_size()
+    offset = start // chunk * blocks * _chunk_stride(blocks, chunk, cols, esize)
+    stride = _chunk_stride(blocks, n, cols, esize)
+    slot = flat[offset : offset + blocks * stride].view(blocks, stride)
+    return slot[:, : n * cols].view(blocks, n, cols)
 
 
 def _forward_chunks(
@@ -127,7 +152,9 @@ def _forward_chunks(
         # so that backward's output gradient, (l, chunk, s), can be contiguous (see
         # there): 16 bf16 blocks of 256 at 382 tokens, as fast per token as 384
         chunk -= 2
-    mid = _block_major(x, l, n_tokens if keep_middle else chunk, r)
+    # block-major, each chunk's (l, n, r) in one piece (see _chunk_stride), all of
+    # them when kept for backward, else one chunk's worth reused
+    mid = _chunk_buffer(x, l, n_tokens, chunk, r, reused=not keep_middle)
     fused = lowrank is not None and q % l == 0
     if fused:  # a rides in the first GEMM, as R extra rows of every w1 block
         w1 = _with_lowrank_rows(w1, lowrank[0])
@@ -153,7 +180,7 @@ def _forward_chunks(
         n = min(chunk, n_tokens - start)
         xc = x[start : start + n].view(n, k, p)
         hc, zc = h[:n], z[:n]
-        mc = mid[:, start : start + n] if keep_middle else mid[:, :n]  # (l, n, r)
+        mc = _chunk_of(mid, start if keep_middle else 0, n, chunk, l, r)  # (l, n, r)
         if blockwise:  # x's blocks in place, not copied by bmm (see above)
             for i in range(k):
                 torch.mm(xc[:, i], w1t[i], out=hc[:, i])
@@ -257,7 +284,7 @@ class _MonarchMultiply(torch.autograd.Function):
         # complex: the gradient of A @ B is (G Bᴴ, Aᴴ G); conj() is a free view
         w1c, w2c = w1f.conj(), w2.conj()
         esize = grad_y.element_size()
-        gz = grad_y.new_empty(l, _block_stride(chunk, s, esize))  # each chunk's (l, n, s)
+        gz = _chunk_buffer(grad_y, l, n_tokens, chunk, s, reused=True)  # each chunk's (l, n, s)
         gm = grad_y.new_empty(chunk, l, r)
         # grad h for a group of chunks: w1's gradient is one GEMM per group (see above)
         group = chunk
@@ -277,10 +304,7 @@ class _MonarchMultiply(torch.autograd.Function):
             # block-major (l, n, s), contiguous where its blocks do not crowd into
             # one L1 set: a bf16 bmm then reads it, transposed or not, without a
             # copy (grad w2 2x faster than from token-major); else blocks apart
-            if _streams_per_set(l, n * s * esize) <= 4:
-                gzc = gz.view(-1)[: l * n * s].view(l, n, s)
-            else:
-                gzc = gz[:, : n * s].view(l, n, s)
+            gzc = _chunk_of(gz, 0, n, chunk, l, s)
             deinterleave_(gzc.transpose(0, 1).unsqueeze(1), grad_y[rows].view(n, 1, s, l), gbias)
             if lowrank:
                 gtc = gtt[:, :n]
@@ -290,7 +314,7 @@ class _MonarchMultiply(torch.autograd.Function):
                 if grad_a is not None:
                     _add_product_(grad_a, gtc, x[rows].conj(), scratch, "a", start)  # (R,n)@(n,k·p)
             if need_w2:
-                mc = mid[:, rows].conj()  # (l, n, r)
+                mc = _chunk_of(mid, start, n, chunk, l, r).conj()  # (l, n, r)
                 # (l, s, n) @ (l, n, r)
                 _add_product_(grad_w2, gzc.transpose(1, 2), mc, scratch, "w2", start)
             if not need_h:
