@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from . import small_blocks
 from .memory import empty_huge
 from .permute import column_sum_dtype, deinterleave_, interleave_
 from .reference import monarch_multiply_bmm
@@ -453,7 +454,9 @@ def monarch_multiply(
     x2 = x.reshape(-1, k * p).contiguous()
     tensors = [x2, w1, w2, *(t for t in (bias, a, b) if t is not None)]
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-        if x2.shape[0] <= SMALL_BATCH:
+        if a is None and small_blocks.applies(x2, w1, w2):
+            y = small_blocks.forward(x2, w1, w2, bias)  # one pass, in L1 (small_blocks.py)
+        elif x2.shape[0] <= SMALL_BATCH:
             y = monarch_multiply_bmm(x2, w1, w2)
             y = y if bias is None else y + bias
             y = y if a is None else y + (x2 @ a.t()) @ b.t()

@@ -1,9 +1,10 @@
-"""The optional C++ kernels (``_native/permute.cpp``): build, find, load.
+"""The optional C++ kernels (``_native/*.cpp``): build, find, load.
 
 The Monarch multiply's two stride permutations are plain copies that PyTorch's
 generic strided copy runs slowly when the inner group is a few elements; the
 kernels in ``_native/permute.cpp`` do them (and the bias add) with vector
-shuffles, 2-4x faster (docs/speed.md).  They are optional: ``make`` builds
+shuffles, 2-4x faster (docs/speed.md); ``_native/small_blocks.cpp`` multiplies
+by Monarch matrices with small blocks in one pass.  They are optional: ``make`` builds
 them once (``monarch-matrices native build``), and without them, or
 with ``MONARCH_MATRICES_NATIVE=0`` in the environment, every op runs the
 pure-PyTorch path, which gives the same results bit for bit.
@@ -32,7 +33,16 @@ __all__ = [
     "available", "build", "kernels", "plain_cpu_tensor", "status", "switched_off", "switched_on",
 ]
 
-SOURCE = Path(__file__).with_name("_native") / "permute.cpp"
+SOURCE_DIR = Path(__file__).with_name("_native")
+SOURCE_NAMES = ("permute.cpp", "small_blocks.cpp", "module.cpp")  # module.cpp: the bindings
+
+
+def sources() -> list[Path]:
+    return [SOURCE_DIR / name for name in SOURCE_NAMES]
+
+
+def _missing_source() -> Path | None:
+    return next((path for path in sources() if not path.is_file()), None)
 # Tuned for the machine it is built on (the kernels exist to be fast here);
 # the hash below includes the CPU model, so a build is only used where it was made.
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp")
@@ -63,7 +73,7 @@ def plain_cpu_tensor(t: torch.Tensor) -> bool:
 
 
 def build_dir() -> Path:
-    return Path(os.environ.get(ENV_DIR) or SOURCE.parent / "build")
+    return Path(os.environ.get(ENV_DIR) or SOURCE_DIR / "build")
 
 
 def _cpu_model() -> str:
@@ -82,7 +92,8 @@ def _cpu_model() -> str:
 def module_name(flags: tuple[str, ...] = FLAGS) -> str:
     """The extension's name: it changes whenever anything that shapes the binary does."""
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(flags).encode(), torch.__version__.encode(),
+    parts = [path.read_bytes() for path in sources()]
+    for part in (*parts, " ".join(flags).encode(), torch.__version__.encode(),
                  _cpu_model().encode(), sys.version.encode()):
         key.update(part)
         key.update(b"\0")
@@ -106,8 +117,8 @@ def _import(name: str, path: Path) -> ModuleType:
 def _load() -> tuple[ModuleType | None, str]:
     if switched_off(ENV_SWITCH):
         return None, f"disabled by {ENV_SWITCH}={os.environ[ENV_SWITCH]}"
-    if not SOURCE.is_file():
-        return None, f"the kernel source {SOURCE} is not installed"
+    if (missing := _missing_source()) is not None:
+        return None, f"the kernel source {missing} is not installed"
     failures = []
     for flags in (FLAGS, PORTABLE_FLAGS):
         name = module_name(flags)
@@ -145,8 +156,8 @@ def build(verbose: bool = False) -> Path:
     """
     from torch.utils.cpp_extension import load  # imported here: it is slow and rarely needed
 
-    if not SOURCE.is_file():
-        raise RuntimeError(f"the kernel source {SOURCE} is not installed")
+    if (missing := _missing_source()) is not None:
+        raise RuntimeError(f"the kernel source {missing} is not installed")
     build_dir().mkdir(parents=True, exist_ok=True)
     errors = []
     path_before = os.environ.get("PATH", "")
@@ -158,7 +169,7 @@ def build(verbose: bool = False) -> Path:
             work = build_dir() / name
             work.mkdir(exist_ok=True)
             try:
-                load(name=name, sources=[str(SOURCE)], extra_cflags=list(flags),
+                load(name=name, sources=[str(path) for path in sources()], extra_cflags=list(flags),
                      extra_ldflags=["-fopenmp"], build_directory=str(work), verbose=verbose)
             except Exception as err:  # compiler missing, flag unsupported, ...
                 errors.append(f"{' '.join(flags)}: {err}")

@@ -303,12 +303,3 @@ void deinterleave_(torch::Tensor dst, torch::Tensor src, c10::optional<torch::Te
     }
   });
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Monarch stride permutations as vectorized CPU kernels";
-  m.def("interleave_", &interleave_, "dst[i,j,e,v] = src[i,j,v,e] (+ bias[e*l+v])",
-        py::arg("dst"), py::arg("src"), py::arg("bias") = py::none());
-  m.def("deinterleave_", &deinterleave_,
-        "dst[i,j,v,e] = src[i,j,e,v] (and sum[e*l+v] += src[i,j,e,v] over i, j)",
-        py::arg("dst"), py::arg("src"), py::arg("sum") = py::none());
-}

@@ -1,0 +1,21 @@
+// The Python bindings of the native kernels (one extension module, built from
+// every .cpp in this folder: see ops/native.py).
+
+#include <torch/extension.h>
+
+void interleave_(torch::Tensor dst, torch::Tensor src, c10::optional<torch::Tensor> bias);
+void deinterleave_(torch::Tensor dst, torch::Tensor src, c10::optional<torch::Tensor> sum);
+void small_blocks_forward_(torch::Tensor y, torch::Tensor x, torch::Tensor w1t,
+                           torch::Tensor w2p, c10::optional<torch::Tensor> bias);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "Monarch multiply CPU kernels: the stride permutations, and small-block multiplies";
+  m.def("interleave_", &interleave_, "dst[i,j,e,v] = src[i,j,v,e] (+ bias[e*l+v])",
+        py::arg("dst"), py::arg("src"), py::arg("bias") = py::none());
+  m.def("deinterleave_", &deinterleave_,
+        "dst[i,j,v,e] = src[i,j,e,v] (and sum[e*l+v] += src[i,j,e,v] over i, j)",
+        py::arg("dst"), py::arg("src"), py::arg("sum") = py::none());
+  m.def("small_blocks_forward_", &small_blocks_forward_,
+        "y = x M^T (+ bias) for blocks whose q and l are multiples of 16 (small_blocks.cpp)",
+        py::arg("y"), py::arg("x"), py::arg("w1t"), py::arg("w2p"), py::arg("bias") = py::none());
+}

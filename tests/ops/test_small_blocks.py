@@ -1,0 +1,124 @@
+"""The small-block native multiply against the float64 reference, and when it is used."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from monarch_matrices.ops import monarch_multiply, monarch_multiply_reference, native, small_blocks
+
+F64 = torch.float64
+needs_kernels = pytest.mark.skipif(os.environ.get(native.ENV_SWITCH, "1") == "0",
+                                   reason="MONARCH_MATRICES_NATIVE=0")
+
+
+def _factors(k, q, p, l, s, r, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w1 = torch.randn(k, q, p, generator=gen, dtype=F64) / p**0.5
+    w2 = torch.randn(l, s, r, generator=gen, dtype=F64) / r**0.5
+    bias = torch.randn(s * l, generator=gen, dtype=F64)
+    return w1, w2, bias
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want).norm() / want.norm())
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("shape", [
+    (32, 32, 32, 32, 32, 32),  # the sqrt(n) Monarch of 1024
+    (4, 16, 8, 16, 5, 4),      # odd s, r; p narrower than a vector
+    (2, 48, 20, 32, 3, 3),     # three vectors of q, two of l
+    (1, 16, 3, 16, 7, 1),
+])
+@pytest.mark.parametrize("tokens", [1, 7, 8, 9, 203])  # whole tiles of 8 and ragged ones
+def test_kernel_matches_float64_reference(dtype, tol, shape, tokens):
+    k, q, p, l, s, r = shape
+    w1, w2, bias = _factors(*shape, seed=tokens)
+    x = torch.randn(tokens, k * p, dtype=F64, generator=torch.Generator().manual_seed(1))
+    want = monarch_multiply_reference(x, w1, w2) + bias
+    for b in (bias, None):
+        y = torch.full((tokens, s * l), 7.0, dtype=dtype)
+        native.kernels().small_blocks_forward_(
+            y, x.to(dtype), w1.float().transpose(1, 2).contiguous(),
+            w2.float().permute(1, 2, 0).contiguous(), None if b is None else b.float())
+        assert _relative_error(y, want if b is not None else want - bias) < tol
+
+
+@needs_kernels
+def test_kernel_takes_strided_rows_and_keeps_nan():
+    w1, w2, bias = _factors(2, 16, 8, 16, 2, 2)
+    base = torch.randn(40, 20, dtype=F64)
+    x = base[:, 2:18]  # rows 20 apart
+    x[3, 5] = float("nan")
+    want = monarch_multiply_reference(x, w1, w2) + bias
+    for dtype in (torch.float32, torch.bfloat16):
+        y = torch.empty(40, 32, dtype=dtype)
+        native.kernels().small_blocks_forward_(
+            y, x.to(dtype), w1.float().transpose(1, 2).contiguous(),
+            w2.float().permute(1, 2, 0).contiguous(), bias.float())
+        assert torch.isnan(y[3]).all() and not torch.isnan(y[[0, 4]]).any()
+        rows = [i for i in range(40) if i != 3]
+        assert _relative_error(y[rows], want[rows]) < 1e-2
+
+
+@needs_kernels
+def test_kernel_refuses_what_it_cannot_do():
+    kernels = native.kernels()
+    w1t, w2p = torch.randn(2, 8, 16), torch.randn(2, 2, 16)  # k=2 p=8 q=16, s=2 r=2 l=16
+    x, y = torch.randn(5, 16), torch.empty(5, 32)
+    kernels.small_blocks_forward_(y, x, w1t, w2p)  # fits
+    with pytest.raises(RuntimeError, match="multiples of 16"):
+        kernels.small_blocks_forward_(y, x, torch.randn(2, 8, 12), torch.randn(2, 2, 12))
+    with pytest.raises(RuntimeError, match="must both be float32 or both bfloat16"):
+        kernels.small_blocks_forward_(y.half(), x.half(), w1t, w2p)
+    with pytest.raises(RuntimeError, match="do not fit"):
+        kernels.small_blocks_forward_(y, torch.randn(5, 17), w1t, w2p)
+    with pytest.raises(RuntimeError, match="contiguous float32"):
+        kernels.small_blocks_forward_(y, x, w1t.double(), w2p)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        kernels.small_blocks_forward_(y, x, w1t, w2p, torch.randn(31))
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_multiply_uses_the_kernel_for_small_blocks_in_inference(monkeypatch, dtype):
+    w1, w2, bias = _factors(32, 32, 32, 32, 32, 32)
+    x = torch.randn(3, 50, 1024, dtype=F64)
+    args = [t.to(dtype) for t in (x, w1, w2, bias)]
+    assert small_blocks.applies(args[0].reshape(-1, 1024), args[1], args[2])
+    calls = []
+    real = small_blocks.forward
+    monkeypatch.setattr(small_blocks, "forward", lambda *a: calls.append(1) or real(*a))
+    with torch.inference_mode():
+        y = monarch_multiply(*args[:3], args[3])
+    assert calls and y.shape == (3, 50, 1024) and y.dtype == dtype
+    want = monarch_multiply_reference(x, w1, w2) + bias
+    assert _relative_error(y, want) < (1e-6 if dtype == torch.float32 else 1e-2)
+    # training takes the chunked path, and agrees
+    leaves = [t.clone().requires_grad_() for t in args]
+    y_train = monarch_multiply(*leaves[:3], leaves[3])
+    assert len(calls) == 1
+    assert _relative_error(y_train.detach(), want) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+def test_when_the_kernel_is_not_used(monkeypatch):
+    w1, w2 = torch.randn(32, 32, 32), torch.randn(32, 32, 32)
+    x = torch.randn(100, 1024)
+    assert not small_blocks.applies(x.half(), w1.half(), w2.half())  # no fp16 kernel
+    assert not small_blocks.applies(x[:4], w1, w2)  # too few tokens to pay for the set-up
+    assert not small_blocks.applies(x.bfloat16()[:64], w1.bfloat16(), w2.bfloat16())
+    wide = torch.randn(8, 128, 128)  # oneDNN's GEMMs win at 128
+    assert not small_blocks.applies(x, wide, torch.randn(8, 128, 128))
+    assert not small_blocks.applies(torch.randn(100, 32 * 24), torch.randn(32, 24, 24),
+                                    torch.randn(24, 32, 32))  # q = 24, l = 24: not 16-wide
+    monkeypatch.setattr(native, "kernels", lambda: None)
+    assert not small_blocks.applies(x, w1, w2)
+    with torch.inference_mode():  # and the multiply still works, on the chunked path
+        y = monarch_multiply(x, w1, w2)
+    torch.testing.assert_close(y.double(), monarch_multiply_reference(x.double(), w1.double(),
+                                                                      w2.double()),
+                               rtol=1e-4, atol=1e-4)
