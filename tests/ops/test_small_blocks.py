@@ -122,3 +122,21 @@ def test_when_the_kernel_is_not_used(monkeypatch):
     torch.testing.assert_close(y.double(), monarch_multiply_reference(x.double(), w1.double(),
                                                                       w2.double()),
                                rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
+def test_monarch_linear_uses_the_kernel(monkeypatch):
+    """Parameters, not just plain tensors, go to the kernel (inference)."""
+    from monarch_matrices import MonarchLinear
+
+    layer = MonarchLinear(1024, 1024, nblocks=32)
+    calls = []
+    real = small_blocks.forward
+    monkeypatch.setattr(small_blocks, "forward", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(2, 30, 1024)
+    with torch.no_grad():
+        y = layer(x)
+    assert calls
+    with torch.no_grad():
+        want = monarch_multiply_reference(x.double(), layer.w1.double(), layer.w2.double())
+        assert _relative_error(y, want + layer.bias.double()) < 1e-6

@@ -32,7 +32,8 @@ def applies(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> bool:
     return (dtype in MAX_BLOCK and w1.dtype == w2.dtype == dtype
             and max(p, q, r, s) <= MAX_BLOCK[dtype] and x.shape[0] >= MIN_TOKENS[dtype]
             and q % LANES == 0 and l % LANES == 0
-            and all(native.plain_cpu_tensor(t) for t in (x, w1, w2))
+            # parameters too (detach() drops nn.Parameter, keeps FakeTensor & co.)
+            and all(native.plain_cpu_tensor(t.detach()) for t in (x, w1, w2))
             and native.kernels() is not None)
 
 
