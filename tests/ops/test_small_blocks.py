@@ -98,11 +98,6 @@ def test_multiply_uses_the_kernel_for_small_blocks_in_inference(monkeypatch, dty
     assert calls and y.shape == (3, 50, 1024) and y.dtype == dtype
     want = monarch_multiply_reference(x, w1, w2) + bias
     assert _relative_error(y, want) < (1e-6 if dtype == torch.float32 else 1e-2)
-    # training takes the chunked path, and agrees
-    leaves = [t.clone().requires_grad_() for t in args]
-    y_train = monarch_multiply(*leaves[:3], leaves[3])
-    assert len(calls) == 1
-    assert _relative_error(y_train.detach(), want) < (1e-6 if dtype == torch.float32 else 1e-2)
 
 
 def test_when_the_kernel_is_not_used(monkeypatch):
@@ -140,3 +135,60 @@ def test_monarch_linear_uses_the_kernel(monkeypatch):
     with torch.no_grad():
         want = monarch_multiply_reference(x.double(), layer.w1.double(), layer.w2.double())
         assert _relative_error(y, want + layer.bias.double()) < 1e-6
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("shape", [(32, 32, 32, 32, 32, 32), (4, 16, 16, 16, 5, 4),
+                                   (2, 48, 32, 32, 3, 3)])
+@pytest.mark.parametrize("needs", [(1, 1, 1, 1), (1, 0, 0, 0), (0, 1, 0, 1), (0, 0, 1, 0)])
+def test_training_matches_float64_reference(monkeypatch, dtype, tol, shape, needs):
+    k, q, p, l, s, r = shape
+    w1, w2, bias = _factors(*shape, seed=3)
+    x = torch.randn(3, 67, k * p, dtype=F64)  # 201 tokens: a ragged last tile
+    g = torch.randn(3, 67, s * l, dtype=F64)
+    leaves = [t.clone().requires_grad_(bool(n)) for t, n in zip((x, w1, w2, bias), needs)]
+    want_y = monarch_multiply_reference(*leaves[:3]) + leaves[3]
+    wanted = [t for t in leaves if t.requires_grad]
+    want = torch.autograd.grad(want_y, wanted, g)
+    low = [t.detach().to(dtype).requires_grad_(t.requires_grad) for t in leaves]
+    monkeypatch.setitem(small_blocks.MAX_BLOCK, torch.bfloat16, 64)  # the kernel, not the limit
+    assert small_blocks.applies_to_training(low[0].reshape(-1, k * p), low[1], low[2])
+    calls = []
+    real = small_blocks.multiply
+    monkeypatch.setattr(small_blocks, "multiply", lambda *a: calls.append(1) or real(*a))
+    y = monarch_multiply(*low[:3], low[3])
+    assert calls and y.dtype == dtype
+    assert _relative_error(y.detach(), want_y.detach()) < tol
+    got = torch.autograd.grad(y, [t for t in low if t.requires_grad], g.to(dtype))
+    for a, b in zip(got, want):
+        assert a.dtype == dtype and a.shape == b.shape
+        assert _relative_error(a, b) < tol
+
+
+@needs_kernels
+def test_training_needs_p_in_vectors_too():
+    w1, w2 = torch.randn(4, 16, 12), torch.randn(16, 5, 4)  # p = 12
+    x = torch.randn(100, 48)
+    assert small_blocks.applies(x, w1, w2) and not small_blocks.applies_to_training(x, w1, w2)
+    leaves = [t.clone().requires_grad_() for t in (x, w1, w2)]
+    y = monarch_multiply(*leaves)  # the chunked path, same result
+    ref = [t.double().detach().requires_grad_() for t in (x, w1, w2)]
+    want = monarch_multiply_reference(*ref)
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_backward_kernels_refuse_bad_input():
+    kernels = native.kernels()
+    g, gx, gh = torch.randn(5, 32), torch.empty(5, 32), torch.empty(5, 32)
+    w1, w2q = torch.randn(2, 16, 16), torch.randn(2, 2, 16)
+    kernels.small_blocks_grad_x_(gx, gh, g, w2q, w1)  # fits
+    with pytest.raises(RuntimeError, match="p and l must be multiples of 16"):
+        kernels.small_blocks_grad_x_(torch.empty(5, 24), gh, g, w2q, torch.randn(2, 16, 12))
+    with pytest.raises(RuntimeError, match="grad_h must be a contiguous CPU Float"):
+        kernels.small_blocks_grad_x_(gx, torch.empty(5, 31), g, w2q, w1)
+    with pytest.raises(RuntimeError, match="widths do not fit"):
+        kernels.small_blocks_grad_w_(None, None, g, gh, g, gh, 3, 16)
+    with pytest.raises(RuntimeError, match="gw1t must be"):
+        kernels.small_blocks_grad_w_(torch.zeros(7), None, g, gh, g, gh, 2, 16)

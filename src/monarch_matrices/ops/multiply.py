@@ -463,6 +463,9 @@ def monarch_multiply(
         else:
             lr = None if a is None else (a, b)
             y = _forward_chunks(x2, w1, w2, bias, keep_middle=False, lowrank=lr)[0]
+    elif a is None and small_blocks.applies_to_training(x2, w1, w2):
+        with torch.autocast(x.device.type, enabled=False):  # (a no-op without autocast)
+            y = small_blocks.multiply(x2, w1, w2, bias)
     elif cast is not None:
         with torch.autocast(x.device.type, enabled=False):
             y = _MonarchMultiply.apply(x2, w1, w2, bias, a, b)

@@ -9,7 +9,9 @@ float32 2.0-3.4x faster for blocks of 32-64 from 8 tokens up, 1.2x at 128,
 slower on a single token (the weights are re-laid out on every call); bf16,
 which the kernel computes in float32, 1.15-1.6x faster for blocks of 32 from 64
 tokens up and slower for wider blocks, where oneDNN's bf16 GEMMs win.  Hence
-the limits below.  Forward only: training takes the chunked path.
+the limits below.  Training runs the same way (:class:`_SmallBlocksMultiply`:
+backward is the two stages in the other order and one pass that sums both
+weight gradients), which also needs ``p`` to be a multiple of 16.
 """
 
 from __future__ import annotations
@@ -37,9 +39,13 @@ def applies(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> bool:
             and native.kernels() is not None)
 
 
-def forward(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-            bias: torch.Tensor | None) -> torch.Tensor:
-    """``x Mᵀ (+ bias)`` for a 2-D contiguous ``x`` where :func:`applies` holds."""
+def applies_to_training(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> bool:
+    """Whether :func:`multiply` takes this multiply with gradients (``p`` 16-wide too)."""
+    return applies(x, w1, w2) and w1.shape[2] % LANES == 0
+
+
+def _forward(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: torch.Tensor | None,
+             mid: torch.Tensor | None = None) -> torch.Tensor:
     kernels = native.kernels()
     assert kernels is not None
     l, s, _ = w2.shape
@@ -47,5 +53,60 @@ def forward(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
     w1t = w1.detach().float().transpose(1, 2).contiguous()  # (k, p, q): outputs contiguous
     w2p = w2.detach().float().permute(1, 2, 0).contiguous()  # (s, r, l): blocks contiguous
     b = None if bias is None else bias.detach().float().contiguous()
-    kernels.small_blocks_forward_(y, x, w1t, w2p, b)
+    kernels.small_blocks_forward_(y, x, w1t, w2p, b, mid)
     return y
+
+
+def forward(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+            bias: torch.Tensor | None) -> torch.Tensor:
+    """``x Mᵀ (+ bias)`` for a 2-D contiguous ``x`` where :func:`applies` holds (no autograd)."""
+    return _forward(x, w1, w2, bias)
+
+
+class _SmallBlocksMultiply(torch.autograd.Function):
+    """``y = x Mᵀ (+ bias)`` through the kernels; saves ``x`` and the middle activation."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+        mid = x.new_empty(x.shape[0], w1.shape[0] * w1.shape[1])
+        y = _forward(x, w1, w2, bias, mid)
+        ctx.save_for_backward(x, w1, w2, mid)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y: torch.Tensor):
+        x, w1, w2, mid = ctx.saved_tensors
+        need_x, need_w1, need_w2, need_bias = ctx.needs_input_grad
+        kernels = native.kernels()
+        assert kernels is not None
+        k, q, p = w1.shape
+        l, s, r = w2.shape
+        g = grad_y.contiguous()
+        grad_x = grad_w1 = grad_w2 = grad_bias = None
+        gh = None
+        if need_x or need_w1:  # grad h (and grad x) by the two stages in the other order
+            gx = torch.empty_like(x)
+            gh = torch.empty_like(mid)
+            w2q = w2.detach().float().permute(2, 1, 0).contiguous()  # (r, s, l)
+            kernels.small_blocks_grad_x_(gx, gh, g, w2q, w1.detach().float().contiguous())
+            grad_x = gx if need_x else None
+        if need_w1 or need_w2:
+            gw1t = x.new_zeros(k, p, q, dtype=torch.float32) if need_w1 else None
+            gw2p = x.new_zeros(s, r, l, dtype=torch.float32) if need_w2 else None
+            kernels.small_blocks_grad_w_(gw1t, gw2p, x, mid if gh is None else gh, g, mid, k, l)
+            if need_w1:
+                grad_w1 = gw1t.transpose(1, 2).to(w1.dtype).contiguous()
+            if need_w2:
+                grad_w2 = gw2p.permute(2, 0, 1).to(w2.dtype).contiguous()
+        if need_bias:
+            acc = torch.float64 if g.dtype == torch.float32 else torch.float32
+            grad_bias = g.sum(0, dtype=acc).to(g.dtype)
+        return grad_x, grad_w1, grad_w2, grad_bias
+
+
+def multiply(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+             bias: torch.Tensor | None) -> torch.Tensor:
+    """``x Mᵀ (+ bias)`` with autograd, where :func:`applies_to_training` holds."""
+    return _SmallBlocksMultiply.apply(x, w1, w2, bias)

@@ -6,7 +6,13 @@
 void interleave_(torch::Tensor dst, torch::Tensor src, c10::optional<torch::Tensor> bias);
 void deinterleave_(torch::Tensor dst, torch::Tensor src, c10::optional<torch::Tensor> sum);
 void small_blocks_forward_(torch::Tensor y, torch::Tensor x, torch::Tensor w1t,
-                           torch::Tensor w2p, c10::optional<torch::Tensor> bias);
+                           torch::Tensor w2p, c10::optional<torch::Tensor> bias,
+                           c10::optional<torch::Tensor> mid);
+void small_blocks_grad_x_(torch::Tensor gx, torch::Tensor gh, torch::Tensor g, torch::Tensor w2q,
+                          torch::Tensor w1);
+void small_blocks_grad_w_(c10::optional<torch::Tensor> gw1t, c10::optional<torch::Tensor> gw2p,
+                          torch::Tensor x, torch::Tensor gh, torch::Tensor g, torch::Tensor h,
+                          int64_t k, int64_t l);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Monarch multiply CPU kernels: the stride permutations, and small-block multiplies";
@@ -17,5 +23,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dst"), py::arg("src"), py::arg("sum") = py::none());
   m.def("small_blocks_forward_", &small_blocks_forward_,
         "y = x M^T (+ bias) for blocks whose q and l are multiples of 16 (small_blocks.cpp)",
-        py::arg("y"), py::arg("x"), py::arg("w1t"), py::arg("w2p"), py::arg("bias") = py::none());
+        py::arg("y"), py::arg("x"), py::arg("w1t"), py::arg("w2p"), py::arg("bias") = py::none(),
+        py::arg("mid") = py::none());
+  m.def("small_blocks_grad_x_", &small_blocks_grad_x_,
+        "grad_x and grad_h of the small-block multiply (small_blocks.cpp)", py::arg("gx"),
+        py::arg("gh"), py::arg("g"), py::arg("w2q"), py::arg("w1"));
+  m.def("small_blocks_grad_w_", &small_blocks_grad_w_,
+        "adds the weight gradients of the small-block multiply (small_blocks.cpp)",
+        py::arg("gw1t"), py::arg("gw2p"), py::arg("x"), py::arg("gh"), py::arg("g"), py::arg("h"),
+        py::arg("k"), py::arg("l"));
 }

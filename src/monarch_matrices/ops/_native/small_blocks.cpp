@@ -16,6 +16,12 @@
 // so neither permutation is a pass of its own. Both need q and l to be multiples
 // of 16. Computes in float32 for float32 and bf16 inputs (bf16 read and rounded
 // once on output, as a GEMM does; the middle activation stays float32).
+//
+// Backward is the same two stages in the other order (grad h from grad y by the
+// strided stage with w2's blocks transposed, grad x from grad h by the block
+// stage with w1 as it is: that one needs p to be a multiple of 16 too), and one
+// pass over the tokens that sums both weight gradients, register-blocked over
+// a tile of 32 tokens in L2, each thread into its own float32 partial sums.
 
 #include <torch/extension.h>
 
@@ -24,6 +30,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
 #include <type_traits>
 #include <vector>
 
@@ -36,7 +43,9 @@ typedef float vf_unaligned __attribute__((vector_size(kLanes * sizeof(float)), a
 
 inline vf load(const float* p) { return *reinterpret_cast<const vf_unaligned*>(p); }
 inline void store(float* p, vf v) { *reinterpret_cast<vf_unaligned*>(p) = v; }
-inline vf splat(float x) { return vf{} + x; }
+// A broadcast. x + (-0.0) is x for every x, so the compiler drops the add and
+// emits one vbroadcastss from memory (vf{} + x kept a scalar add: 0.0 + -0.0 is +0.0).
+inline vf splat(float x) { return -vf{} + x; }
 
 inline float to_float(float x) { return x; }
 inline float to_float(uint16_t b) {  // bf16 bits
@@ -61,157 +70,432 @@ inline void store_out(uint16_t* d, vf v) {  // round to nearest even, as c10::BF
   *reinterpret_cast<vh_unaligned*>(d) = __builtin_convertvector(rounded, vh);
 }
 
-struct Shapes {
-  int64_t k, q, p, l, s, r;
+
+// Rows of a tile buffer are this many floats longer than their data: rows 4 KiB
+// apart (1024 floats) would all map onto the same L1 sets.
+constexpr int64_t kPad = kLanes;
+
+inline int64_t padded(int64_t width) { return width + kPad; }
+
+// A tile's rows as float32: the rows themselves for float32 (unless `copy`), else
+// converted into `buf`, rows padded(width) apart.
+template <typename T>
+const float* as_float(const T* src, int64_t ld, int64_t rows, int64_t width, float* buf,
+                      int64_t* ld_out, bool copy = false) {
+  if constexpr (std::is_same<T, float>::value) {
+    if (!copy) {
+      *ld_out = ld;
+      return src;
+    }
+  }
+  const int64_t ldb = padded(width);
+  for (int64_t t = 0; t < rows; ++t)
+    for (int64_t i = 0; i < width; ++i) buf[t * ldb + i] = to_float(src[t * ld + i]);
+  *ld_out = ldb;
+  return buf;
+}
+
+// out[t, a*Q + c] = sum_j in[t, a*P + j] * W[a, j, c] for a < K: vectors along c
+// (Q % 16 == 0), the input broadcast. Forward's first factor (W = w1 as (k, p, q));
+// backward's grad x (W = w1 as it is, (k, q, p)).
+struct BlockStage {
+  const float* W;
+  int64_t K, P, Q;
+
+  template <int NT>
+  void run(const float* in, int64_t ldi, float* out, int64_t ldo) const {
+    for (int64_t a = 0; a < K; ++a) {
+      const float* w = W + a * P * Q;
+      const float* ia = in + a * P;
+      float* oa = out + a * Q;
+      int64_t c0 = 0;
+      for (; c0 + 2 * kLanes <= Q; c0 += 2 * kLanes) {
+        vf acc[NT][2] = {};
+        for (int64_t j = 0; j < P; ++j) {
+          const vf b0 = load(w + j * Q + c0), b1 = load(w + j * Q + c0 + kLanes);
+#pragma GCC unroll 8
+          for (int t = 0; t < NT; ++t) {
+            const vf xs = splat(ia[t * ldi + j]);
+            acc[t][0] += xs * b0;
+            acc[t][1] += xs * b1;
+          }
+        }
+#pragma GCC unroll 8
+        for (int t = 0; t < NT; ++t) {
+          store(oa + t * ldo + c0, acc[t][0]);
+          store(oa + t * ldo + c0 + kLanes, acc[t][1]);
+        }
+      }
+      for (; c0 < Q; c0 += kLanes) {
+        vf acc[NT] = {};
+        for (int64_t j = 0; j < P; ++j) {
+          const vf b0 = load(w + j * Q + c0);
+#pragma GCC unroll 8
+          for (int t = 0; t < NT; ++t) acc[t] += splat(ia[t * ldi + j]) * b0;
+        }
+#pragma GCC unroll 8
+        for (int t = 0; t < NT; ++t) store(oa + t * ldo + c0, acc[t]);
+      }
+    }
+  }
 };
 
-// h[t, a*q + c] for NT tokens: NT x (2 or 1) vectors of accumulators.
-template <int NT, typename T>
-void first_factor(const T* x, int64_t ldx, const float* w1t, const Shapes& d, float* h,
-                  int64_t ldh) {
-  for (int64_t a = 0; a < d.k; ++a) {
-    const float* w = w1t + a * d.p * d.q;
-    const T* xa = x + a * d.p;
-    int64_t c0 = 0;
-    for (; c0 + 2 * kLanes <= d.q; c0 += 2 * kLanes) {
-      vf acc[NT][2] = {};
-      for (int64_t j = 0; j < d.p; ++j) {
-        const vf b0 = load(w + j * d.q + c0), b1 = load(w + j * d.q + c0 + kLanes);
-#pragma GCC unroll 8
-        for (int t = 0; t < NT; ++t) {
-          const vf xs = splat(to_float(xa[t * ldx + j]));
-          acc[t][0] += xs * b0;
-          acc[t][1] += xs * b1;
-        }
-      }
-#pragma GCC unroll 8
-      for (int t = 0; t < NT; ++t) {
-        store(h + t * ldh + a * d.q + c0, acc[t][0]);
-        store(h + t * ldh + a * d.q + c0 + kLanes, acc[t][1]);
-      }
-    }
-    for (; c0 < d.q; c0 += kLanes) {
-      vf acc[NT] = {};
-      for (int64_t j = 0; j < d.p; ++j) {
-        const vf b0 = load(w + j * d.q + c0);
-#pragma GCC unroll 8
-        for (int t = 0; t < NT; ++t) acc[t] += splat(to_float(xa[t * ldx + j])) * b0;
-      }
-#pragma GCC unroll 8
-      for (int t = 0; t < NT; ++t) store(h + t * ldh + a * d.q + c0, acc[t]);
-    }
-  }
-}
+// out[t, e*L + v] = sum_u in[t, u*L + v] * W[e, u, v] (+ bias[e*L + v]) for e < E,
+// u < U: vectors along v (L % 16 == 0), e in pairs. Forward's second factor
+// (W[e, u, v] = w2[v, e, u]); backward's grad h (W[u, e, v] = w2[v, e, u]).
+struct StridedStage {
+  const float* W;
+  const float* bias;  // or null
+  int64_t E, U, L;
 
-// y[t, e*l + v] for NT tokens, v in vectors of 16, e in pairs.
-template <int NT, typename T>
-void second_factor(const float* h, int64_t ldh, const float* w2p, const float* bias,
-                   const Shapes& d, T* y, int64_t ldy) {
-  const int64_t l = d.l, r = d.r;
-  for (int64_t v0 = 0; v0 < l; v0 += kLanes) {
-    int64_t e = 0;
-    for (; e < d.s; e += 2) {
-      const int eb = e + 1 < d.s ? 2 : 1;
-      const float* w0 = w2p + e * r * l + v0;
-      const float* w1 = w0 + (eb == 2 ? r * l : 0);
-      vf acc[NT][2] = {};
-      for (int64_t u = 0; u < r; ++u) {
-        const vf b0 = load(w0 + u * l), b1 = load(w1 + u * l);
+  template <int NT, typename TO>
+  void run(const float* in, int64_t ldi, TO* out, int64_t ldo) const {
+    for (int64_t v0 = 0; v0 < L; v0 += kLanes) {
+      for (int64_t e = 0; e < E; e += 2) {
+        const bool pair = e + 1 < E;
+        const float* w0 = W + e * U * L + v0;
+        const float* w1 = pair ? w0 + U * L : w0;
+        vf acc[NT][2] = {};
+        for (int64_t u = 0; u < U; ++u) {
+          const vf b0 = load(w0 + u * L), b1 = load(w1 + u * L);
+#pragma GCC unroll 8
+          for (int t = 0; t < NT; ++t) {
+            const vf hv = load(in + t * ldi + u * L + v0);
+            acc[t][0] += hv * b0;
+            acc[t][1] += hv * b1;
+          }
+        }
+        const vf bias0 = bias ? load(bias + e * L + v0) : vf{};
+        const vf bias1 = bias && pair ? load(bias + (e + 1) * L + v0) : vf{};
 #pragma GCC unroll 8
         for (int t = 0; t < NT; ++t) {
-          const vf hv = load(h + t * ldh + u * l + v0);
-          acc[t][0] += hv * b0;
-          acc[t][1] += hv * b1;
+          store_out(out + t * ldo + e * L + v0, acc[t][0] + bias0);
+          if (pair) store_out(out + t * ldo + (e + 1) * L + v0, acc[t][1] + bias1);
         }
-      }
-      const vf bias0 = bias ? load(bias + e * l + v0) : vf{};
-      const vf bias1 = bias && eb == 2 ? load(bias + (e + 1) * l + v0) : vf{};
-#pragma GCC unroll 8
-      for (int t = 0; t < NT; ++t) {
-        store_out(y + t * ldy + e * l + v0, acc[t][0] + bias0);
-        if (eb == 2) store_out(y + t * ldy + (e + 1) * l + v0, acc[t][1] + bias1);
       }
     }
   }
+};
+
+template <int NT, typename TO>
+void block_run(const BlockStage& stage, const float* in, int64_t ldi, TO* out, int64_t ldo,
+               float* tmp) {
+  if constexpr (std::is_same<TO, float>::value) {
+    stage.run<NT>(in, ldi, out, ldo);
+  } else {  // into float32, then rounded
+    stage.run<NT>(in, ldi, tmp, stage.K * stage.Q);
+    for (int t = 0; t < NT; ++t)
+      for (int64_t i = 0; i < stage.K * stage.Q; i += kLanes)
+        store_out(out + t * ldo + i, load(tmp + t * stage.K * stage.Q + i));
+  }
 }
 
+// Stores a tile's float32 middle activation (for backward) in T.
 template <typename T>
-void forward_impl(const torch::Tensor& y, const torch::Tensor& x, const float* w1t,
-                  const float* w2p, const float* bias, const Shapes& d) {
-  const int64_t n = x.size(0), ldx = x.stride(0), ldy = y.stride(0);
-  const int64_t middle = d.k * d.q;
-  const T* xp = reinterpret_cast<const T*>(x.data_ptr());
-  T* yp = reinterpret_cast<T*>(y.data_ptr());
+void store_rows(const float* src, int64_t lds, int64_t rows, int64_t width, T* dst, int64_t ld) {
+  for (int64_t t = 0; t < rows; ++t) {
+    if constexpr (std::is_same<T, float>::value) {
+      std::memcpy(dst + t * ld, src + t * lds, width * sizeof(float));
+    } else {
+      for (int64_t i = 0; i < width; i += kLanes) store_out(dst + t * ld + i, load(src + t * lds + i));
+    }
+  }
+}
+
+// Forward: block stage, then strided stage; `mid_out` (or null) keeps the middle.
+template <typename T>
+void forward_impl(T* y, int64_t ldy, const T* x, int64_t ldx, int64_t n, const BlockStage& s1,
+                  const StridedStage& s2, T* mid_out, int64_t ld_mid) {
+  const int64_t width = s1.K * s1.P, middle = s1.K * s1.Q;
   const int64_t tiles = (n + kTile - 1) / kTile;
-  const int64_t width = d.k * d.p;
   at::parallel_for(0, tiles, 4, [&](int64_t begin, int64_t end) {
-    std::vector<float> h(kTile * middle);  // one tile's middle activation, in L1/L2
-    // bf16: the tile's input in float32 first, so the inner loop broadcasts floats
-    std::vector<float> xf(std::is_same<T, float>::value ? 0 : kTile * width);
+    const int64_t ldm = padded(middle);
+    std::vector<float> h(kTile * ldm);  // one tile's middle activation, in L1/L2
+    std::vector<float> xf(std::is_same<T, float>::value ? 0 : kTile * padded(width));
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t t0 = tile * kTile;
       const int64_t nt = std::min<int64_t>(kTile, n - t0);
-      const float* xt;
       int64_t ld;
-      if constexpr (std::is_same<T, float>::value) {
-        xt = xp + t0 * ldx;
-        ld = ldx;
-      } else {
-        for (int64_t t = 0; t < nt; ++t) {
-          const T* src = xp + (t0 + t) * ldx;
-          float* dst = xf.data() + t * width;
-          for (int64_t i = 0; i < width; ++i) dst[i] = to_float(src[i]);
-        }
-        xt = xf.data();
-        ld = width;
-      }
-      T* yt = yp + t0 * ldy;
+      const float* xt = as_float(x + t0 * ldx, ldx, nt, width, xf.data(), &ld);
+      T* yt = y + t0 * ldy;
       if (nt == kTile) {
-        first_factor<kTile>(xt, ld, w1t, d, h.data(), middle);
-        second_factor<kTile>(h.data(), middle, w2p, bias, d, yt, ldy);
+        s1.run<kTile>(xt, ld, h.data(), ldm);
+        s2.run<kTile>(h.data(), ldm, yt, ldy);
       } else {
         for (int64_t t = 0; t < nt; ++t) {  // the ragged last tile, a token at a time
-          first_factor<1>(xt + t * ld, ld, w1t, d, h.data(), middle);
-          second_factor<1>(h.data(), middle, w2p, bias, d, yt + t * ldy, ldy);
+          s1.run<1>(xt + t * ld, ld, h.data() + t * ldm, ldm);
+          s2.run<1>(h.data() + t * ldm, ldm, yt + t * ldy, ldy);
         }
       }
+      if (mid_out != nullptr) store_rows(h.data(), ldm, nt, middle, mid_out + t0 * ld_mid, ld_mid);
     }
   });
 }
 
+// grad x: strided stage (grad y -> grad h), then block stage; grad h kept in `gh_out`.
+template <typename T>
+void grad_x_impl(T* gx, int64_t ldgx, const T* g, int64_t ldg, int64_t n, const StridedStage& s1,
+                 const BlockStage& s2, T* gh_out, int64_t ld_gh) {
+  const int64_t width = s1.U * s1.L, middle = s1.E * s1.L;
+  const int64_t out_width = s2.K * s2.Q;
+  const int64_t tiles = (n + kTile - 1) / kTile;
+  at::parallel_for(0, tiles, 4, [&](int64_t begin, int64_t end) {
+    const int64_t ldm = padded(middle);
+    std::vector<float> gh(kTile * ldm);
+    std::vector<float> gf(std::is_same<T, float>::value ? 0 : kTile * padded(width));
+    std::vector<float> tmp(std::is_same<T, float>::value ? 0 : kTile * out_width);
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t t0 = tile * kTile;
+      const int64_t nt = std::min<int64_t>(kTile, n - t0);
+      int64_t ld;
+      const float* gt = as_float(g + t0 * ldg, ldg, nt, width, gf.data(), &ld);
+      T* out = gx + t0 * ldgx;
+      if (nt == kTile) {
+        s1.run<kTile>(gt, ld, gh.data(), ldm);
+        block_run<kTile>(s2, gh.data(), ldm, out, ldgx, tmp.data());
+      } else {
+        for (int64_t t = 0; t < nt; ++t) {
+          s1.run<1>(gt + t * ld, ld, gh.data() + t * ldm, ldm);
+          block_run<1>(s2, gh.data() + t * ldm, ldm, out + t * ldgx, ldgx, tmp.data());
+        }
+      }
+      store_rows(gh.data(), ldm, nt, middle, gh_out + t0 * ld_gh, ld_gh);
+    }
+  });
+}
+
+constexpr int kSumTile = 32;  // tokens whose rows the weight-gradient pass keeps in L2
+
+// acc[a, j, c0..c0+32) += sum_t x[t, a*p + j] * gh[t, a*q + c0..]: JB rows of j at once.
+template <int JB>
+inline void sum_w1_block(const float* x, int64_t ldx, const float* gh, int64_t ldgh, int64_t nt,
+                         float* acc, int64_t q, int nv) {
+  vf a[JB][2] = {};
+  for (int i = 0; i < JB; ++i)
+    for (int c = 0; c < nv; ++c) a[i][c] = load(acc + i * q + c * kLanes);
+  for (int64_t t = 0; t < nt; ++t) {
+    const vf g0 = load(gh + t * ldgh), g1 = nv == 2 ? load(gh + t * ldgh + kLanes) : vf{};
+#pragma GCC unroll 8
+    for (int i = 0; i < JB; ++i) {
+      const vf xs = splat(x[t * ldx + i]);
+      a[i][0] += xs * g0;
+      a[i][1] += xs * g1;
+    }
+  }
+  for (int i = 0; i < JB; ++i)
+    for (int c = 0; c < nv; ++c) store(acc + i * q + c * kLanes, a[i][c]);
+}
+
+// acc[e, u, v0..v0+16) += sum_t g[t, e*l + v0..] * h[t, u*l + v0..]: EB x UB at once.
+template <int EB, int UB>
+inline void sum_w2_block(const float* g, int64_t ldg, const float* h, int64_t ldh, int64_t nt,
+                         float* acc, int64_t r, int64_t l) {
+  vf a[EB][UB];
+  for (int i = 0; i < EB; ++i)
+    for (int j = 0; j < UB; ++j) a[i][j] = load(acc + (i * r + j) * l);
+  for (int64_t t = 0; t < nt; ++t) {
+    vf gv[EB], hv[UB];
+    for (int i = 0; i < EB; ++i) gv[i] = load(g + t * ldg + i * l);
+    for (int j = 0; j < UB; ++j) hv[j] = load(h + t * ldh + j * l);
+#pragma GCC unroll 16
+    for (int i = 0; i < EB; ++i)
+      for (int j = 0; j < UB; ++j) a[i][j] += gv[i] * hv[j];
+  }
+  for (int i = 0; i < EB; ++i)
+    for (int j = 0; j < UB; ++j) store(acc + (i * r + j) * l, a[i][j]);
+}
+
+struct Dims {
+  int64_t k, q, p, l, s, r;
+};
+
+// gw1t[a, j, c] += sum_t x[t, a*p + j] gh[t, a*q + c];  gw2p[e, u, v] += sum_t g[t, e*l + v] h[t, u*l + v]
+template <typename T>
+void grad_w_impl(float* gw1t, float* gw2p, const T* x, const T* gh, const T* g, const T* h,
+                 int64_t n, const Dims& d) {
+  const int64_t in_w = d.k * d.p, mid_w = d.k * d.q, out_w = d.s * d.l;
+  const int64_t n1 = gw1t ? d.k * d.p * d.q : 0, n2 = gw2p ? d.s * d.r * d.l : 0;
+  const int64_t tiles = (n + kSumTile - 1) / kSumTile;
+  std::mutex lock;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> a1(n1, 0.f), a2(n2, 0.f);
+    // bf16 tiles converted into buffers with padded rows (see kPad); float32 read in
+    // place (copying it to padded rows cost more than it saved: 0.88x)
+    std::vector<float> xf(gw1t ? kSumTile * padded(in_w) : 0);
+    std::vector<float> ghf(gw1t ? kSumTile * padded(mid_w) : 0);
+    std::vector<float> gf(gw2p ? kSumTile * padded(out_w) : 0);
+    std::vector<float> hf(gw2p ? kSumTile * padded(mid_w) : 0);
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t t0 = tile * kSumTile, nt = std::min<int64_t>(kSumTile, n - t0);
+      if (gw1t) {
+        int64_t ldx, ldgh;
+        const float* xt = as_float(x + t0 * in_w, in_w, nt, in_w, xf.data(), &ldx);
+        const float* ght = as_float(gh + t0 * mid_w, mid_w, nt, mid_w, ghf.data(), &ldgh);
+        for (int64_t a = 0; a < d.k; ++a) {
+          for (int64_t c0 = 0; c0 < d.q; c0 += 2 * kLanes) {
+            const int nv = c0 + 2 * kLanes <= d.q ? 2 : 1;
+            const float* xa = xt + a * d.p;
+            const float* ga = ght + a * d.q + c0;
+            float* acc = a1.data() + a * d.p * d.q + c0;
+            int64_t j = 0;
+            for (; j + 8 <= d.p; j += 8)
+              sum_w1_block<8>(xa + j, ldx, ga, ldgh, nt, acc + j * d.q, d.q, nv);
+            for (; j < d.p; ++j) sum_w1_block<1>(xa + j, ldx, ga, ldgh, nt, acc + j * d.q, d.q, nv);
+          }
+        }
+      }
+      if (gw2p) {
+        int64_t ldg, ldh;
+        const float* gt = as_float(g + t0 * out_w, out_w, nt, out_w, gf.data(), &ldg);
+        const float* ht = as_float(h + t0 * mid_w, mid_w, nt, mid_w, hf.data(), &ldh);
+        for (int64_t v0 = 0; v0 < d.l; v0 += kLanes) {
+          int64_t e = 0;
+          for (; e + 4 <= d.s; e += 4) {
+            int64_t u = 0;
+            for (; u + 4 <= d.r; u += 4)
+              sum_w2_block<4, 4>(gt + e * d.l + v0, ldg, ht + u * d.l + v0, ldh, nt,
+                                 a2.data() + (e * d.r + u) * d.l + v0, d.r, d.l);
+            for (; u < d.r; ++u)
+              sum_w2_block<4, 1>(gt + e * d.l + v0, ldg, ht + u * d.l + v0, ldh, nt,
+                                 a2.data() + (e * d.r + u) * d.l + v0, d.r, d.l);
+          }
+          for (; e < d.s; ++e)
+            for (int64_t u = 0; u < d.r; ++u)
+              sum_w2_block<1, 1>(gt + e * d.l + v0, ldg, ht + u * d.l + v0, ldh, nt,
+                                 a2.data() + (e * d.r + u) * d.l + v0, d.r, d.l);
+        }
+      }
+    }
+    std::lock_guard<std::mutex> guard(lock);
+    for (int64_t i = 0; i < n1; ++i) gw1t[i] += a1[i];
+    for (int64_t i = 0; i < n2; ++i) gw2p[i] += a2[i];
+  });
+}
+
+void check_activation(const torch::Tensor& t, int64_t rows, int64_t cols, at::ScalarType type,
+                      const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.dim() == 2 && t.is_contiguous() && t.size(0) == rows &&
+                  t.size(1) == cols && t.scalar_type() == type,
+              "small blocks: ", what, " must be a contiguous CPU ", type, " tensor of (", rows,
+              ", ", cols, "), got ", t.scalar_type(), " ", t.sizes());
+}
+
+void check_weights(const torch::Tensor& w1, const torch::Tensor& w2) {
+  TORCH_CHECK(w1.dim() == 3 && w2.dim() == 3 && w1.is_contiguous() && w2.is_contiguous() &&
+                  w1.scalar_type() == at::kFloat && w2.scalar_type() == at::kFloat &&
+                  w1.device().is_cpu() && w2.device().is_cpu(),
+              "small blocks: the weights must be contiguous float32 CPU tensors");
+}
+
 }  // namespace
 
-// y = x M^T (+ bias) for a 2-D contiguous-rows x; w1t (k, p, q) and w2p (s, r, l)
-// float32 and contiguous (see the top of this file), bias float32 or undefined.
+// y = x M^T (+ bias), with w1t (k, p, q) and w2p (s, r, l) float32 (see the top of
+// this file); with mid (N, k*q) in x's dtype, also keeps the middle activation.
 void small_blocks_forward_(torch::Tensor y, torch::Tensor x, torch::Tensor w1t,
-                           torch::Tensor w2p, c10::optional<torch::Tensor> bias) {
+                           torch::Tensor w2p, c10::optional<torch::Tensor> bias,
+                           c10::optional<torch::Tensor> mid) {
   TORCH_CHECK(x.device().is_cpu() && y.device().is_cpu(), "small_blocks_forward_: CPU only");
   TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.stride(1) == 1 && y.stride(1) == 1,
               "small_blocks_forward_: 2-D x and y with contiguous rows expected");
   TORCH_CHECK(x.scalar_type() == y.scalar_type() &&
                   (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "small_blocks_forward_: x and y must both be float32 or both bfloat16");
-  TORCH_CHECK(w1t.dim() == 3 && w2p.dim() == 3 && w1t.is_contiguous() && w2p.is_contiguous() &&
-                  w1t.scalar_type() == at::kFloat && w2p.scalar_type() == at::kFloat,
-              "small_blocks_forward_: w1t (k, p, q) and w2p (s, r, l) must be contiguous float32");
-  const Shapes d{w1t.size(0), w1t.size(2), w1t.size(1), w2p.size(2), w2p.size(0), w2p.size(1)};
-  TORCH_CHECK(d.q % kLanes == 0 && d.l % kLanes == 0,
-              "small_blocks_forward_: q and l must be multiples of 16, got q=", d.q, ", l=", d.l);
-  TORCH_CHECK(d.k * d.q == d.l * d.r, "small_blocks_forward_: middle widths differ");
-  TORCH_CHECK(x.size(1) == d.k * d.p && y.size(1) == d.s * d.l && y.size(0) == x.size(0),
+  check_weights(w1t, w2p);
+  const BlockStage s1{w1t.data_ptr<float>(), w1t.size(0), w1t.size(1), w1t.size(2)};
+  const int64_t l = w2p.size(2), s = w2p.size(0), r = w2p.size(1);
+  TORCH_CHECK(s1.Q % kLanes == 0 && l % kLanes == 0,
+              "small_blocks_forward_: q and l must be multiples of 16, got q=", s1.Q, ", l=", l);
+  TORCH_CHECK(s1.K * s1.Q == l * r, "small_blocks_forward_: middle widths differ");
+  TORCH_CHECK(x.size(1) == s1.K * s1.P && y.size(1) == s * l && y.size(0) == x.size(0),
               "small_blocks_forward_: x ", x.sizes(), " and y ", y.sizes(),
               " do not fit the factors");
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) {
     TORCH_CHECK(bias->is_contiguous() && bias->scalar_type() == at::kFloat &&
-                    bias->numel() == d.s * d.l,
-                "small_blocks_forward_: bias must be contiguous float32 of ", d.s * d.l);
+                    bias->numel() == s * l,
+                "small_blocks_forward_: bias must be contiguous float32 of ", s * l);
   }
+  const bool has_mid = mid.has_value() && mid->defined();
+  if (has_mid) check_activation(*mid, x.size(0), s1.K * s1.Q, x.scalar_type(), "mid");
   if (x.size(0) == 0) return;
-  const float* bp = has_bias ? bias->data_ptr<float>() : nullptr;
+  const StridedStage s2{w2p.data_ptr<float>(), has_bias ? bias->data_ptr<float>() : nullptr, s,
+                        r, l};
   if (x.scalar_type() == at::kFloat) {
-    forward_impl<float>(y, x, w1t.data_ptr<float>(), w2p.data_ptr<float>(), bp, d);
+    forward_impl<float>(y.data_ptr<float>(), y.stride(0), x.data_ptr<float>(), x.stride(0),
+                        x.size(0), s1, s2, has_mid ? mid->data_ptr<float>() : nullptr,
+                        s1.K * s1.Q);
   } else {
-    forward_impl<uint16_t>(y, x, w1t.data_ptr<float>(), w2p.data_ptr<float>(), bp, d);
+    auto ptr = [](const torch::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr()); };
+    forward_impl<uint16_t>(ptr(y), y.stride(0), ptr(x), x.stride(0), x.size(0), s1, s2,
+                           has_mid ? ptr(*mid) : nullptr, s1.K * s1.Q);
+  }
+}
+
+// Backward: grad_x (N, k*p) and grad_h (N, k*q) from grad_y (N, s*l), with w2q
+// (r, s, l) = w2 as [u, e, v] and w1 (k, q, p), both float32.
+void small_blocks_grad_x_(torch::Tensor gx, torch::Tensor gh, torch::Tensor g, torch::Tensor w2q,
+                          torch::Tensor w1) {
+  check_weights(w1, w2q);
+  const int64_t k = w1.size(0), q = w1.size(1), p = w1.size(2);
+  const int64_t r = w2q.size(0), s = w2q.size(1), l = w2q.size(2);
+  TORCH_CHECK(g.scalar_type() == at::kFloat || g.scalar_type() == at::kBFloat16,
+              "small_blocks_grad_x_: float32 or bfloat16 only");
+  TORCH_CHECK(p % kLanes == 0 && l % kLanes == 0 && k * q == l * r,
+              "small_blocks_grad_x_: p and l must be multiples of 16 and k*q == l*r");
+  const int64_t n = g.size(0);
+  check_activation(g, n, s * l, g.scalar_type(), "grad_y");
+  check_activation(gx, n, k * p, g.scalar_type(), "grad_x");
+  check_activation(gh, n, k * q, g.scalar_type(), "grad_h");
+  if (n == 0) return;
+  const StridedStage s1{w2q.data_ptr<float>(), nullptr, r, s, l};
+  const BlockStage s2{w1.data_ptr<float>(), k, q, p};
+  if (g.scalar_type() == at::kFloat) {
+    grad_x_impl<float>(gx.data_ptr<float>(), k * p, g.data_ptr<float>(), s * l, n, s1, s2,
+                       gh.data_ptr<float>(), k * q);
+  } else {
+    auto ptr = [](const torch::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr()); };
+    grad_x_impl<uint16_t>(ptr(gx), k * p, ptr(g), s * l, n, s1, s2, ptr(gh), k * q);
+  }
+}
+
+// Adds the weight gradients summed over the tokens to gw1t (k, p, q) and gw2p
+// (s, r, l), float32 (either may be undefined: not wanted), from x (N, k*p),
+// grad_h (N, k*q), grad_y (N, s*l) and the middle activation h (N, k*q).
+void small_blocks_grad_w_(c10::optional<torch::Tensor> gw1t, c10::optional<torch::Tensor> gw2p,
+                          torch::Tensor x, torch::Tensor gh, torch::Tensor g, torch::Tensor h,
+                          int64_t k, int64_t l) {
+  const auto type = x.scalar_type();
+  TORCH_CHECK(type == at::kFloat || type == at::kBFloat16,
+              "small_blocks_grad_w_: float32 or bfloat16 only");
+  const int64_t n = x.size(0);
+  TORCH_CHECK(k > 0 && l > 0 && x.size(1) % k == 0 && gh.size(1) % k == 0 && g.size(1) % l == 0 &&
+                  h.size(1) % l == 0 && gh.size(1) == h.size(1),
+              "small_blocks_grad_w_: widths do not fit k=", k, ", l=", l);
+  const Dims d{k, gh.size(1) / k, x.size(1) / k, l, g.size(1) / l, h.size(1) / l};
+  TORCH_CHECK(d.q % kLanes == 0 && d.l % kLanes == 0,
+              "small_blocks_grad_w_: q and l must be multiples of 16");
+  const bool want1 = gw1t.has_value() && gw1t->defined();
+  const bool want2 = gw2p.has_value() && gw2p->defined();
+  check_activation(x, n, d.k * d.p, type, "x");
+  check_activation(gh, n, d.k * d.q, type, "grad_h");
+  check_activation(g, n, d.s * d.l, type, "grad_y");
+  check_activation(h, n, d.k * d.q, type, "h");
+  if (want1)
+    TORCH_CHECK(gw1t->is_contiguous() && gw1t->scalar_type() == at::kFloat &&
+                    gw1t->numel() == d.k * d.p * d.q,
+                "small_blocks_grad_w_: gw1t must be contiguous float32 (k, p, q)");
+  if (want2)
+    TORCH_CHECK(gw2p->is_contiguous() && gw2p->scalar_type() == at::kFloat &&
+                    gw2p->numel() == d.s * d.r * d.l,
+                "small_blocks_grad_w_: gw2p must be contiguous float32 (s, r, l)");
+  if (n == 0 || !(want1 || want2)) return;
+  float* p1 = want1 ? gw1t->data_ptr<float>() : nullptr;
+  float* p2 = want2 ? gw2p->data_ptr<float>() : nullptr;
+  if (type == at::kFloat) {
+    grad_w_impl<float>(p1, p2, x.data_ptr<float>(), gh.data_ptr<float>(), g.data_ptr<float>(),
+                       h.data_ptr<float>(), n, d);
+  } else {
+    auto ptr = [](const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); };
+    grad_w_impl<uint16_t>(p1, p2, ptr(x), ptr(gh), ptr(g), ptr(h), n, d);
   }
 }
