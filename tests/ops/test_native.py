@@ -309,3 +309,24 @@ def test_cli_native_status(capsys):
 
     assert main(["native", "status"]) == 0
     assert capsys.readouterr().out.startswith("native kernels: ")
+
+
+@needs_kernels
+def test_bias_gradient_is_equal_on_equal_runs():
+    """The column sum's per-task partials are added in task order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(8)  # more tasks than cores: finishing order varies
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x, g = torch.randn(4096, 256, generator=gen), torch.randn(4096, 512, generator=gen)
+        w1, w2 = torch.randn(4, 64, 64, generator=gen), torch.randn(4, 128, 64, generator=gen)
+        grads = []
+        for _ in range(6):
+            bias = torch.zeros(512, requires_grad=True)
+            monarch_multiply(x, w1, w2, bias).backward(g)
+            grads.append(bias.grad)
+        for grad in grads[1:]:
+            assert torch.equal(grad, grads[0])
+        torch.testing.assert_close(grads[0].double(), g.double().sum(0), rtol=1e-6, atol=1e-6)
+    finally:
+        torch.set_num_threads(threads)

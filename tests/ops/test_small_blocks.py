@@ -192,3 +192,48 @@ def test_backward_kernels_refuse_bad_input():
         kernels.small_blocks_grad_w_(None, None, g, gh, g, gh, 3, 16)
     with pytest.raises(RuntimeError, match="gw1t must be"):
         kernels.small_blocks_grad_w_(torch.zeros(7), None, g, gh, g, gh, 2, 16)
+
+
+@needs_kernels
+def test_training_gives_equal_bits_on_equal_runs():
+    """Per-thread partial sums are added in task order, not in finishing order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(8)  # more tasks than cores: finishing order varies
+    try:
+        w1, w2, bias = _factors(8, 32, 32, 16, 32, 16)
+        x = torch.randn(4096, 256)
+        g = torch.randn(4096, 512)
+        results = []
+        for _ in range(6):
+            leaves = [t.float().clone().requires_grad_() for t in (x, w1, w2, bias)]
+            monarch_multiply(*leaves[:3], leaves[3]).backward(g)
+            results.append(torch.cat([t.grad.flatten() for t in leaves]))
+        for r in results[1:]:
+            assert torch.equal(r, results[0])
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernels
+def test_frozen_factors_keep_no_middle_activation():
+    w1, w2, bias = (t.float() for t in _factors(32, 32, 32, 32, 32, 32))
+    x = torch.randn(64, 1024, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t,
+                                                  lambda t: t):
+        y = monarch_multiply(x, w1, w2, bias)  # only x needs a gradient
+    assert (64, 1024) in saved and saved.count((64, 1024)) == 1  # x, no middle
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    x64 = x.detach().double().requires_grad_()
+    (want,) = torch.autograd.grad(monarch_multiply_reference(x64, w1.double(), w2.double()).sum(),
+                                  x64)
+    assert _relative_error(gx, want) < 1e-5
+
+
+def test_a_bias_on_another_device_is_refused_cleanly():
+    w1, w2 = torch.randn(2, 16, 16), torch.randn(16, 2, 2)
+    x = torch.randn(16, 32)
+    bias = torch.randn(32, device="meta")
+    assert not small_blocks.applies(x, w1, w2, bias)
+    with torch.no_grad(), pytest.raises((RuntimeError, NotImplementedError)):
+        monarch_multiply(x, w1, w2, bias)

@@ -454,7 +454,7 @@ def monarch_multiply(
     x2 = x.reshape(-1, k * p).contiguous()
     tensors = [x2, w1, w2, *(t for t in (bias, a, b) if t is not None)]
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-        if a is None and small_blocks.applies(x2, w1, w2):
+        if a is None and small_blocks.applies(x2, w1, w2, bias):
             y = small_blocks.forward(x2, w1, w2, bias)  # one pass, in L1 (small_blocks.py)
         elif x2.shape[0] <= SMALL_BATCH:
             y = monarch_multiply_bmm(x2, w1, w2)
@@ -463,7 +463,7 @@ def monarch_multiply(
         else:
             lr = None if a is None else (a, b)
             y = _forward_chunks(x2, w1, w2, bias, keep_middle=False, lowrank=lr)[0]
-    elif a is None and small_blocks.applies_to_training(x2, w1, w2):
+    elif a is None and small_blocks.applies_to_training(x2, w1, w2, bias):
         with torch.autocast(x.device.type, enabled=False):  # (a no-op without autocast)
             y = small_blocks.multiply(x2, w1, w2, bias)
     elif cast is not None:

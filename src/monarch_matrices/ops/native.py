@@ -7,7 +7,9 @@ shuffles, 2-4x faster (docs/speed.md); ``_native/small_blocks.cpp`` multiplies
 by Monarch matrices with small blocks in one pass.  They are optional: ``make`` builds
 them once (``monarch-matrices native build``), and without them, or
 with ``MONARCH_MATRICES_NATIVE=0`` in the environment, every op runs the
-pure-PyTorch path, which gives the same results bit for bit.
+pure-PyTorch path, which gives the same results bit for bit for the
+permutations and up to rounding where a kernel sums in another order (the
+bias gradient, the small-block multiply).
 
 The build goes to ``_native/build/`` next to this file (or
 ``$MONARCH_MATRICES_NATIVE_DIR``) under a name that hashes the source, the
@@ -35,14 +37,20 @@ __all__ = [
 
 SOURCE_DIR = Path(__file__).with_name("_native")
 SOURCE_NAMES = ("permute.cpp", "small_blocks.cpp", "module.cpp")  # module.cpp: the bindings
+HEADER_NAMES = ("partials.h",)
 
 
 def sources() -> list[Path]:
     return [SOURCE_DIR / name for name in SOURCE_NAMES]
 
 
+def _all_files() -> list[Path]:
+    """Everything the build reads: the sources and their headers."""
+    return sources() + [SOURCE_DIR / name for name in HEADER_NAMES]
+
+
 def _missing_source() -> Path | None:
-    return next((path for path in sources() if not path.is_file()), None)
+    return next((path for path in _all_files() if not path.is_file()), None)
 # Tuned for the machine it is built on (the kernels exist to be fast here);
 # the hash below includes the CPU model, so a build is only used where it was made.
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp")
@@ -92,7 +100,7 @@ def _cpu_model() -> str:
 def module_name(flags: tuple[str, ...] = FLAGS) -> str:
     """The extension's name: it changes whenever anything that shapes the binary does."""
     key = hashlib.sha256()
-    parts = [path.read_bytes() for path in sources()]
+    parts = [path.read_bytes() for path in _all_files()]
     for part in (*parts, " ".join(flags).encode(), torch.__version__.encode(),
                  _cpu_model().encode(), sys.version.encode()):
         key.update(part)

@@ -26,7 +26,8 @@ MIN_TOKENS = {torch.float32: 8, torch.bfloat16: 65}
 LANES = 16  # the kernel's vectors: q and l must be multiples of this
 
 
-def applies(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> bool:
+def applies(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+            bias: torch.Tensor | None = None) -> bool:
     """Whether :func:`forward` takes this multiply (and is faster than the chunked path)."""
     k, q, p = w1.shape
     l, s, r = w2.shape
@@ -35,13 +36,15 @@ def applies(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> bool:
             and max(p, q, r, s) <= MAX_BLOCK[dtype] and x.shape[0] >= MIN_TOKENS[dtype]
             and q % LANES == 0 and l % LANES == 0
             # parameters too (detach() drops nn.Parameter, keeps FakeTensor & co.)
-            and all(native.plain_cpu_tensor(t.detach()) for t in (x, w1, w2))
+            and all(native.plain_cpu_tensor(t.detach())
+                    for t in (x, w1, w2, *(() if bias is None else (bias,))))
             and native.kernels() is not None)
 
 
-def applies_to_training(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> bool:
+def applies_to_training(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                        bias: torch.Tensor | None = None) -> bool:
     """Whether :func:`multiply` takes this multiply with gradients (``p`` 16-wide too)."""
-    return applies(x, w1, w2) and w1.shape[2] % LANES == 0
+    return applies(x, w1, w2, bias) and w1.shape[2] % LANES == 0
 
 
 def _forward(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: torch.Tensor | None,
@@ -64,12 +67,15 @@ def forward(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
 
 
 class _SmallBlocksMultiply(torch.autograd.Function):
-    """``y = x Mᵀ (+ bias)`` through the kernels; saves ``x`` and the middle activation."""
+    """``y = x Mᵀ (+ bias)`` through the kernels; saves ``x`` and, when ``w2`` needs a
+    gradient, the middle activation (as the chunked path does).  Asked only for
+    ``w1``'s gradient, backward computes ``grad x`` too: it comes with ``grad h``."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
                 bias: torch.Tensor | None) -> torch.Tensor:
-        mid = x.new_empty(x.shape[0], w1.shape[0] * w1.shape[1])
+        keep = ctx.needs_input_grad[2]
+        mid = x.new_empty(x.shape[0], w1.shape[0] * w1.shape[1]) if keep else None
         y = _forward(x, w1, w2, bias, mid)
         ctx.save_for_backward(x, w1, w2, mid)
         return y
@@ -88,14 +94,17 @@ class _SmallBlocksMultiply(torch.autograd.Function):
         gh = None
         if need_x or need_w1:  # grad h (and grad x) by the two stages in the other order
             gx = torch.empty_like(x)
-            gh = torch.empty_like(mid)
+            gh = x.new_empty(x.shape[0], k * q)
             w2q = w2.detach().float().permute(2, 1, 0).contiguous()  # (r, s, l)
             kernels.small_blocks_grad_x_(gx, gh, g, w2q, w1.detach().float().contiguous())
             grad_x = gx if need_x else None
         if need_w1 or need_w2:
             gw1t = x.new_zeros(k, p, q, dtype=torch.float32) if need_w1 else None
             gw2p = x.new_zeros(s, r, l, dtype=torch.float32) if need_w2 else None
-            kernels.small_blocks_grad_w_(gw1t, gw2p, x, mid if gh is None else gh, g, mid, k, l)
+            # an (N, k·q) stand-in for whichever of grad h and h is not needed
+            gh_or = mid if gh is None else gh
+            kernels.small_blocks_grad_w_(gw1t, gw2p, x, gh_or, g, gh_or if mid is None else mid,
+                                         k, l)
             if need_w1:
                 grad_w1 = gw1t.transpose(1, 2).to(w1.dtype).contiguous()
             if need_w2:

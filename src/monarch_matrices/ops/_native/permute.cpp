@@ -27,10 +27,11 @@
 
 #include <ATen/Parallel.h>
 
+#include "partials.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <mutex>
 #include <vector>
 
 namespace {
@@ -133,9 +134,8 @@ void deinterleave_impl(const torch::Tensor& dst, const torch::Tensor& src) {
 }
 
 // deinterleave_impl, and each source row added into `sum` (AccT) while it is in L1.
-// `Load` turns an element into AccT. Every task sums its rows locally, then adds
-// its partial sum under a lock, so the result does not depend on the thread count
-// beyond rounding.
+// `Load` turns an element into AccT. Every task sums its rows locally; the partial
+// sums are added in task order (partials.h), so equal runs give equal bits.
 template <typename T, typename AccT, int L, typename Load>
 void deinterleave_sum_impl(const torch::Tensor& dst, const torch::Tensor& src, AccT* sum,
                            Load load) {
@@ -145,7 +145,7 @@ void deinterleave_sum_impl(const torch::Tensor& dst, const torch::Tensor& src, A
   const T* sp = reinterpret_cast<const T*>(src.data_ptr());
   T* dp = reinterpret_cast<T*>(dst.data_ptr());
   const int64_t width = l * m;
-  std::mutex lock;
+  OrderedPartials<AccT> partials;
   at::parallel_for(0, n1 * n2, grain(width), [&](int64_t begin, int64_t end) {
     std::vector<AccT> local(width, AccT(0));
     AccT* __restrict acc = local.data();
@@ -173,9 +173,9 @@ void deinterleave_sum_impl(const torch::Tensor& dst, const torch::Tensor& src, A
         }
       }
     }
-    std::lock_guard<std::mutex> guard(lock);
-    for (int64_t c = 0; c < width; ++c) sum[c] += acc[c];
+    partials.add(begin, std::move(local));
   });
+  partials.sum_into(sum);
 }
 
 // Dispatch on the group size: the common nblocks get unrolled shuffles.

@@ -21,16 +21,18 @@
 // strided stage with w2's blocks transposed, grad x from grad h by the block
 // stage with w1 as it is: that one needs p to be a multiple of 16 too), and one
 // pass over the tokens that sums both weight gradients, register-blocked over
-// a tile of 32 tokens in L2, each thread into its own float32 partial sums.
+// a tile of 32 tokens in L2, each thread into its own float32 partial sums
+// (added in task order afterwards: partials.h).
 
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
 
+#include "partials.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <mutex>
 #include <type_traits>
 #include <vector>
 
@@ -316,7 +318,7 @@ void grad_w_impl(float* gw1t, float* gw2p, const T* x, const T* gh, const T* g, 
   const int64_t in_w = d.k * d.p, mid_w = d.k * d.q, out_w = d.s * d.l;
   const int64_t n1 = gw1t ? d.k * d.p * d.q : 0, n2 = gw2p ? d.s * d.r * d.l : 0;
   const int64_t tiles = (n + kSumTile - 1) / kSumTile;
-  std::mutex lock;
+  OrderedPartials<float> partials1, partials2;  // added in task order: equal runs, equal bits
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> a1(n1, 0.f), a2(n2, 0.f);
     // bf16 tiles converted into buffers with padded rows (see kPad); float32 read in
@@ -366,10 +368,11 @@ void grad_w_impl(float* gw1t, float* gw2p, const T* x, const T* gh, const T* g, 
         }
       }
     }
-    std::lock_guard<std::mutex> guard(lock);
-    for (int64_t i = 0; i < n1; ++i) gw1t[i] += a1[i];
-    for (int64_t i = 0; i < n2; ++i) gw2p[i] += a2[i];
+    if (gw1t) partials1.add(begin, std::move(a1));
+    if (gw2p) partials2.add(begin, std::move(a2));
   });
+  if (gw1t) partials1.sum_into(gw1t);
+  if (gw2p) partials2.sum_into(gw2p);
 }
 
 void check_activation(const torch::Tensor& t, int64_t rows, int64_t cols, at::ScalarType type,
@@ -411,9 +414,9 @@ void small_blocks_forward_(torch::Tensor y, torch::Tensor x, torch::Tensor w1t,
               " do not fit the factors");
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) {
-    TORCH_CHECK(bias->is_contiguous() && bias->scalar_type() == at::kFloat &&
-                    bias->numel() == s * l,
-                "small_blocks_forward_: bias must be contiguous float32 of ", s * l);
+    TORCH_CHECK(bias->device().is_cpu() && bias->is_contiguous() &&
+                    bias->scalar_type() == at::kFloat && bias->numel() == s * l,
+                "small_blocks_forward_: bias must be a contiguous float32 CPU tensor of ", s * l);
   }
   const bool has_mid = mid.has_value() && mid->defined();
   if (has_mid) check_activation(*mid, x.size(0), s1.K * s1.Q, x.scalar_type(), "mid");
@@ -481,13 +484,15 @@ void small_blocks_grad_w_(c10::optional<torch::Tensor> gw1t, c10::optional<torch
   check_activation(g, n, d.s * d.l, type, "grad_y");
   check_activation(h, n, d.k * d.q, type, "h");
   if (want1)
-    TORCH_CHECK(gw1t->is_contiguous() && gw1t->scalar_type() == at::kFloat &&
+    TORCH_CHECK(gw1t->device().is_cpu() && gw1t->is_contiguous() &&
+                    gw1t->scalar_type() == at::kFloat &&
                     gw1t->numel() == d.k * d.p * d.q,
-                "small_blocks_grad_w_: gw1t must be contiguous float32 (k, p, q)");
+                "small_blocks_grad_w_: gw1t must be a contiguous float32 CPU (k, p, q)");
   if (want2)
-    TORCH_CHECK(gw2p->is_contiguous() && gw2p->scalar_type() == at::kFloat &&
+    TORCH_CHECK(gw2p->device().is_cpu() && gw2p->is_contiguous() &&
+                    gw2p->scalar_type() == at::kFloat &&
                     gw2p->numel() == d.s * d.r * d.l,
-                "small_blocks_grad_w_: gw2p must be contiguous float32 (s, r, l)");
+                "small_blocks_grad_w_: gw2p must be a contiguous float32 CPU (s, r, l)");
   if (n == 0 || !(want1 || want2)) return;
   float* p1 = want1 ? gw1t->data_ptr<float>() : nullptr;
   float* p2 = want2 ? gw2p->data_ptr<float>() : nullptr;
