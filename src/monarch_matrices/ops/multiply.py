@@ -302,9 +302,8 @@ class _MonarchMultiply(torch.autograd.Function):
             rows = slice(start, start + n)
             group_start = start // group * group
             gmc, ghc = gm[:n], gh[start - group_start : start - group_start + n]
-            # block-major (l, n, s), contiguous where its blocks do not crowd into
-            # one L1 set: a bf16 bmm then reads it, transposed or not, without a
-            # copy (grad w2 2x faster than from token-major); else blocks apart
+            # block-major (l, n, s), laid out as _chunk_stride says: a bf16 bmm reads
+            # it, transposed or not, without a copy (grad w2 2x faster than token-major)
             gzc = _chunk_of(gz, 0, n, chunk, l, s)
             deinterleave_(gzc.transpose(0, 1).unsqueeze(1), grad_y[rows].view(n, 1, s, l), gbias)
             if lowrank:

@@ -47,8 +47,10 @@ def applies_to_training(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
     return applies(x, w1, w2, bias) and w1.shape[2] % LANES == 0
 
 
-def _forward(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: torch.Tensor | None,
-             mid: torch.Tensor | None = None) -> torch.Tensor:
+def forward(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: torch.Tensor | None,
+            mid: torch.Tensor | None = None) -> torch.Tensor:
+    """``x Mᵀ (+ bias)`` for a 2-D contiguous ``x`` where :func:`applies` holds (no
+    autograd); an ``(N, k·q)`` ``mid`` in ``x``'s dtype also receives the middle activation."""
     kernels = native.kernels()
     assert kernels is not None
     l, s, _ = w2.shape
@@ -58,12 +60,6 @@ def _forward(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: torch.Te
     b = None if bias is None else bias.detach().float().contiguous()
     kernels.small_blocks_forward_(y, x, w1t, w2p, b, mid)
     return y
-
-
-def forward(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-            bias: torch.Tensor | None) -> torch.Tensor:
-    """``x Mᵀ (+ bias)`` for a 2-D contiguous ``x`` where :func:`applies` holds (no autograd)."""
-    return _forward(x, w1, w2, bias)
 
 
 class _SmallBlocksMultiply(torch.autograd.Function):
@@ -76,7 +72,7 @@ class _SmallBlocksMultiply(torch.autograd.Function):
                 bias: torch.Tensor | None) -> torch.Tensor:
         keep = ctx.needs_input_grad[2]
         mid = x.new_empty(x.shape[0], w1.shape[0] * w1.shape[1]) if keep else None
-        y = _forward(x, w1, w2, bias, mid)
+        y = forward(x, w1, w2, bias, mid)
         ctx.save_for_backward(x, w1, w2, mid)
         return y
 

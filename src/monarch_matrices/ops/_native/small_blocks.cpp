@@ -79,16 +79,14 @@ constexpr int64_t kPad = kLanes;
 
 inline int64_t padded(int64_t width) { return width + kPad; }
 
-// A tile's rows as float32: the rows themselves for float32 (unless `copy`), else
-// converted into `buf`, rows padded(width) apart.
+// A tile's rows as float32: the rows themselves for float32, else converted into
+// `buf`, rows padded(width) apart.
 template <typename T>
 const float* as_float(const T* src, int64_t ld, int64_t rows, int64_t width, float* buf,
-                      int64_t* ld_out, bool copy = false) {
+                      int64_t* ld_out) {
   if constexpr (std::is_same<T, float>::value) {
-    if (!copy) {
-      *ld_out = ld;
-      return src;
-    }
+    *ld_out = ld;
+    return src;
   }
   const int64_t ldb = padded(width);
   for (int64_t t = 0; t < rows; ++t)
@@ -97,12 +95,41 @@ const float* as_float(const T* src, int64_t ld, int64_t rows, int64_t width, flo
   return buf;
 }
 
+// Stores rows of float32 in T (rounded for bf16).
+template <typename T>
+void store_rows(const float* src, int64_t lds, int64_t rows, int64_t width, T* dst, int64_t ld) {
+  for (int64_t t = 0; t < rows; ++t) {
+    if constexpr (std::is_same<T, float>::value) {
+      std::memcpy(dst + t * ld, src + t * lds, width * sizeof(float));
+    } else {
+      for (int64_t i = 0; i < width; i += kLanes) store_out(dst + t * ld + i, load(src + t * lds + i));
+    }
+  }
+}
+
+// Both stages below take NT rows of float32 `in` to NT rows of `out` (float32 or
+// bf16) through emit<NT>(in, ldi, out, ldo, tmp); `tmp` is NT * out_width() floats
+// of scratch (needed only for bf16 output of the block stage).
+
 // out[t, a*Q + c] = sum_j in[t, a*P + j] * W[a, j, c] for a < K: vectors along c
 // (Q % 16 == 0), the input broadcast. Forward's first factor (W = w1 as (k, p, q));
 // backward's grad x (W = w1 as it is, (k, q, p)).
 struct BlockStage {
   const float* W;
   int64_t K, P, Q;
+
+  int64_t in_width() const { return K * P; }
+  int64_t out_width() const { return K * Q; }
+
+  template <int NT, typename TO>
+  void emit(const float* in, int64_t ldi, TO* out, int64_t ldo, float* tmp) const {
+    if constexpr (std::is_same<TO, float>::value) {
+      run<NT>(in, ldi, out, ldo);
+    } else {  // into float32, then rounded
+      run<NT>(in, ldi, tmp, out_width());
+      store_rows(tmp, out_width(), NT, out_width(), out, ldo);
+    }
+  }
 
   template <int NT>
   void run(const float* in, int64_t ldi, float* out, int64_t ldo) const {
@@ -150,8 +177,11 @@ struct StridedStage {
   const float* bias;  // or null
   int64_t E, U, L;
 
+  int64_t in_width() const { return U * L; }
+  int64_t out_width() const { return E * L; }
+
   template <int NT, typename TO>
-  void run(const float* in, int64_t ldi, TO* out, int64_t ldo) const {
+  void emit(const float* in, int64_t ldi, TO* out, int64_t ldo, float* /*tmp*/) const {
     for (int64_t v0 = 0; v0 < L; v0 += kLanes) {
       for (int64_t e = 0; e < E; e += 2) {
         const bool pair = e + 1 < E;
@@ -179,89 +209,37 @@ struct StridedStage {
   }
 };
 
-template <int NT, typename TO>
-void block_run(const BlockStage& stage, const float* in, int64_t ldi, TO* out, int64_t ldo,
-               float* tmp) {
-  if constexpr (std::is_same<TO, float>::value) {
-    stage.run<NT>(in, ldi, out, ldo);
-  } else {  // into float32, then rounded
-    stage.run<NT>(in, ldi, tmp, stage.K * stage.Q);
-    for (int t = 0; t < NT; ++t)
-      for (int64_t i = 0; i < stage.K * stage.Q; i += kLanes)
-        store_out(out + t * ldo + i, load(tmp + t * stage.K * stage.Q + i));
-  }
-}
-
-// Stores a tile's float32 middle activation (for backward) in T.
-template <typename T>
-void store_rows(const float* src, int64_t lds, int64_t rows, int64_t width, T* dst, int64_t ld) {
-  for (int64_t t = 0; t < rows; ++t) {
-    if constexpr (std::is_same<T, float>::value) {
-      std::memcpy(dst + t * ld, src + t * lds, width * sizeof(float));
-    } else {
-      for (int64_t i = 0; i < width; i += kLanes) store_out(dst + t * ld + i, load(src + t * lds + i));
-    }
-  }
-}
-
-// Forward: block stage, then strided stage; `mid_out` (or null) keeps the middle.
-template <typename T>
-void forward_impl(T* y, int64_t ldy, const T* x, int64_t ldx, int64_t n, const BlockStage& s1,
-                  const StridedStage& s2, T* mid_out, int64_t ld_mid) {
-  const int64_t width = s1.K * s1.P, middle = s1.K * s1.Q;
+// A tile of 8 tokens at a time through two stages, the middle activation of the
+// tile in L1; `mid_out` (or null) keeps it, in T, rows out_width() of s1 long.
+// Forward: block stage, then strided stage. grad x: strided stage (grad y ->
+// grad h, kept), then block stage.
+template <typename T, typename First, typename Second>
+void two_stages(T* out, int64_t ldo, const T* in, int64_t ldi, int64_t n, const First& s1,
+                const Second& s2, T* mid_out) {
+  const int64_t width = s1.in_width(), middle = s1.out_width();
+  const bool is_float = std::is_same<T, float>::value;
   const int64_t tiles = (n + kTile - 1) / kTile;
   at::parallel_for(0, tiles, 4, [&](int64_t begin, int64_t end) {
     const int64_t ldm = padded(middle);
-    std::vector<float> h(kTile * ldm);  // one tile's middle activation, in L1/L2
-    std::vector<float> xf(std::is_same<T, float>::value ? 0 : kTile * padded(width));
+    std::vector<float> mid(kTile * ldm);
+    std::vector<float> in_f(is_float ? 0 : kTile * padded(width));
+    std::vector<float> tmp(is_float ? 0 : kTile * s2.out_width());
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t t0 = tile * kTile;
       const int64_t nt = std::min<int64_t>(kTile, n - t0);
       int64_t ld;
-      const float* xt = as_float(x + t0 * ldx, ldx, nt, width, xf.data(), &ld);
-      T* yt = y + t0 * ldy;
+      const float* it = as_float(in + t0 * ldi, ldi, nt, width, in_f.data(), &ld);
+      T* ot = out + t0 * ldo;
       if (nt == kTile) {
-        s1.run<kTile>(xt, ld, h.data(), ldm);
-        s2.run<kTile>(h.data(), ldm, yt, ldy);
+        s1.template emit<kTile>(it, ld, mid.data(), ldm, nullptr);
+        s2.template emit<kTile>(mid.data(), ldm, ot, ldo, tmp.data());
       } else {
         for (int64_t t = 0; t < nt; ++t) {  // the ragged last tile, a token at a time
-          s1.run<1>(xt + t * ld, ld, h.data() + t * ldm, ldm);
-          s2.run<1>(h.data() + t * ldm, ldm, yt + t * ldy, ldy);
+          s1.template emit<1>(it + t * ld, ld, mid.data() + t * ldm, ldm, nullptr);
+          s2.template emit<1>(mid.data() + t * ldm, ldm, ot + t * ldo, ldo, tmp.data());
         }
       }
-      if (mid_out != nullptr) store_rows(h.data(), ldm, nt, middle, mid_out + t0 * ld_mid, ld_mid);
-    }
-  });
-}
-
-// grad x: strided stage (grad y -> grad h), then block stage; grad h kept in `gh_out`.
-template <typename T>
-void grad_x_impl(T* gx, int64_t ldgx, const T* g, int64_t ldg, int64_t n, const StridedStage& s1,
-                 const BlockStage& s2, T* gh_out, int64_t ld_gh) {
-  const int64_t width = s1.U * s1.L, middle = s1.E * s1.L;
-  const int64_t out_width = s2.K * s2.Q;
-  const int64_t tiles = (n + kTile - 1) / kTile;
-  at::parallel_for(0, tiles, 4, [&](int64_t begin, int64_t end) {
-    const int64_t ldm = padded(middle);
-    std::vector<float> gh(kTile * ldm);
-    std::vector<float> gf(std::is_same<T, float>::value ? 0 : kTile * padded(width));
-    std::vector<float> tmp(std::is_same<T, float>::value ? 0 : kTile * out_width);
-    for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t t0 = tile * kTile;
-      const int64_t nt = std::min<int64_t>(kTile, n - t0);
-      int64_t ld;
-      const float* gt = as_float(g + t0 * ldg, ldg, nt, width, gf.data(), &ld);
-      T* out = gx + t0 * ldgx;
-      if (nt == kTile) {
-        s1.run<kTile>(gt, ld, gh.data(), ldm);
-        block_run<kTile>(s2, gh.data(), ldm, out, ldgx, tmp.data());
-      } else {
-        for (int64_t t = 0; t < nt; ++t) {
-          s1.run<1>(gt + t * ld, ld, gh.data() + t * ldm, ldm);
-          block_run<1>(s2, gh.data() + t * ldm, ldm, out + t * ldgx, ldgx, tmp.data());
-        }
-      }
-      store_rows(gh.data(), ldm, nt, middle, gh_out + t0 * ld_gh, ld_gh);
+      if (mid_out != nullptr) store_rows(mid.data(), ldm, nt, middle, mid_out + t0 * middle, middle);
     }
   });
 }
@@ -424,13 +402,12 @@ void small_blocks_forward_(torch::Tensor y, torch::Tensor x, torch::Tensor w1t,
   const StridedStage s2{w2p.data_ptr<float>(), has_bias ? bias->data_ptr<float>() : nullptr, s,
                         r, l};
   if (x.scalar_type() == at::kFloat) {
-    forward_impl<float>(y.data_ptr<float>(), y.stride(0), x.data_ptr<float>(), x.stride(0),
-                        x.size(0), s1, s2, has_mid ? mid->data_ptr<float>() : nullptr,
-                        s1.K * s1.Q);
+    two_stages<float>(y.data_ptr<float>(), y.stride(0), x.data_ptr<float>(), x.stride(0),
+                      x.size(0), s1, s2, has_mid ? mid->data_ptr<float>() : nullptr);
   } else {
     auto ptr = [](const torch::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr()); };
-    forward_impl<uint16_t>(ptr(y), y.stride(0), ptr(x), x.stride(0), x.size(0), s1, s2,
-                           has_mid ? ptr(*mid) : nullptr, s1.K * s1.Q);
+    two_stages<uint16_t>(ptr(y), y.stride(0), ptr(x), x.stride(0), x.size(0), s1, s2,
+                         has_mid ? ptr(*mid) : nullptr);
   }
 }
 
@@ -453,11 +430,11 @@ void small_blocks_grad_x_(torch::Tensor gx, torch::Tensor gh, torch::Tensor g, t
   const StridedStage s1{w2q.data_ptr<float>(), nullptr, r, s, l};
   const BlockStage s2{w1.data_ptr<float>(), k, q, p};
   if (g.scalar_type() == at::kFloat) {
-    grad_x_impl<float>(gx.data_ptr<float>(), k * p, g.data_ptr<float>(), s * l, n, s1, s2,
-                       gh.data_ptr<float>(), k * q);
+    two_stages<float>(gx.data_ptr<float>(), k * p, g.data_ptr<float>(), s * l, n, s1, s2,
+                      gh.data_ptr<float>());
   } else {
     auto ptr = [](const torch::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr()); };
-    grad_x_impl<uint16_t>(ptr(gx), k * p, ptr(g), s * l, n, s1, s2, ptr(gh), k * q);
+    two_stages<uint16_t>(ptr(gx), k * p, ptr(g), s * l, n, s1, s2, ptr(gh));
   }
 }
 
