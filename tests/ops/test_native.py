@@ -44,9 +44,10 @@ def test_the_kernels_are_built_and_loaded():
 @needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("l", [1, 2, 3, 4, 5, 8, 16, 32, 64])
-def test_interleave_matches_copy_and_add(kernels, dtype, l):
-    gen = torch.Generator().manual_seed(l)
-    n1, n2, m = 5, 3, 13
+@pytest.mark.parametrize("m", [13, 75])  # 75: whole vectors of 8 to 32 lanes, and a tail
+def test_interleave_matches_copy_and_add(kernels, dtype, l, m):
+    gen = torch.Generator().manual_seed(l * 100 + m)
+    n1, n2 = 5, 3
     # src rows of m with a gap between them and between the (i, j) blocks
     base = torch.randn(n1, n2 + 1, l, m + 3, generator=gen).to(dtype)
     src = base[:, 1:, :, 2 : 2 + m]
@@ -60,14 +61,50 @@ def test_interleave_matches_copy_and_add(kernels, dtype, l):
         want = src.transpose(2, 3).clone()
         if b is not None:
             want = (src.clone() + b.view(m, l).t()).transpose(2, 3)
-        assert torch.equal(_bits(dst), _bits(want.contiguous()))
+        want = want.contiguous()
+        # PyTorch's own bf16 add rounds a NaN to 0x7FC0 in its scalar loop but to
+        # 0xFFFF in its vector loop (from 32 elements on): NaNs compare by place
+        nan = want.isnan()
+        assert torch.equal(dst.isnan(), nan)
+        assert torch.equal(_bits(dst)[~nan], _bits(want)[~nan])
+
+
+def _bf16_round_to_nearest_even(x: torch.Tensor) -> torch.Tensor:
+    """float32 -> bf16 bits as c10::BFloat16 rounds a scalar: integer arithmetic, NaN -> 0x7FC0."""
+    u = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    rounded = torch.where(x.isnan(), torch.full_like(rounded, 0x7FC0), rounded)
+    return rounded.to(torch.int32).to(torch.int16)  # low 16 bits, two's complement
+
+
+@needs_kernels
+@pytest.mark.parametrize("m", [5, 64, 77])  # the vector loop (32 at a time) and its tail
+def test_interleave_bf16_bias_rounds_every_value_as_c10(kernels, m):
+    """Subnormal sums, NaN, infinities and overflow included: the kernel's hardware
+    rounding hands those to the exact path, so its bits equal c10::BFloat16's."""
+    l = 4
+    gen = torch.Generator().manual_seed(m)
+    src = torch.randn(3, 1, l, m, generator=gen).to(torch.bfloat16)
+    bias = torch.randn(m * l, generator=gen).to(torch.bfloat16)
+    specials = torch.tensor([1e-39, -3e-39, 1e-45, float("nan"), float("inf"), -float("inf"),
+                             3e38, 0.0]).to(torch.bfloat16)
+    flat_src = src.view(-1)
+    for at in (0, 40, flat_src.numel() - 9):  # one in the first 32, some later
+        flat_src[at : at + len(specials)] = specials
+    bias[7:9] = torch.tensor([3e38, -0.0]).to(torch.bfloat16)  # 3e38 + 3e38 overflows
+    dst = torch.empty(3, 1, m, l, dtype=torch.bfloat16)
+    kernels.interleave_(dst, src, bias)
+    exact = src.float() + bias.float().view(m, l).t()  # exact in float32
+    want = _bf16_round_to_nearest_even(exact.transpose(2, 3).contiguous())
+    assert torch.equal(_bits(dst), want)
 
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [*DTYPES, torch.complex64])
-@pytest.mark.parametrize("l", [1, 2, 4, 7, 16, 32, 40])
-def test_deinterleave_matches_copy(kernels, dtype, l):
-    n1, n2, m = 4, 3, 11
+@pytest.mark.parametrize("l", [1, 2, 4, 7, 8, 16, 32, 40])
+@pytest.mark.parametrize("m", [11, 75])  # 75: whole vectors of 8 to 32 lanes, and a tail
+def test_deinterleave_matches_copy(kernels, dtype, l, m):
+    n1, n2 = 4, 3
     src = torch.randn(n1, n2, m, l, dtype=torch.float64).to(dtype)
     if dtype == torch.complex64:  # a copy: any 2-, 4- or 8-byte element will do
         src = src + 1j * torch.randn(src.shape)
@@ -83,11 +120,11 @@ def test_deinterleave_matches_copy(kernels, dtype, l):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("l", [1, 4, 7, 16])
+@pytest.mark.parametrize("l", [1, 4, 7, 8, 16])
 @pytest.mark.parametrize("n1", [1, 3, 4, 9, 130])  # rows in groups of 4 and the rest
 def test_deinterleave_column_sum(kernels, dtype, l, n1):
     gen = torch.Generator().manual_seed(n1 * 100 + l)
-    n2, m = 2, 11
+    n2, m = 2, 43  # whole vectors of 8 to 32 lanes, and a tail
     src = torch.randn(n1, n2, m, l, generator=gen).to(dtype)
     dst = torch.empty(n1, n2, l, m, dtype=dtype)
     start = torch.randn(m * l, generator=gen)

@@ -37,7 +37,7 @@ __all__ = [
 
 SOURCE_DIR = Path(__file__).with_name("_native")
 SOURCE_NAMES = ("permute.cpp", "small_blocks.cpp", "module.cpp")  # module.cpp: the bindings
-HEADER_NAMES = ("partials.h",)
+HEADER_NAMES = ("group_transpose.h", "partials.h")
 
 
 def sources() -> list[Path]:
