@@ -6,9 +6,11 @@
 // an innermost dimension of `l` elements (4 for nblocks=4) at a fraction of
 // what the cache can deliver, and a bias added to a permuted view is slower
 // still. These loops have the group size `L` as a template constant so the
-// compiler turns them into vector shuffles, and add the bias in the same
+// compiler turns them into vector shuffles (for L = 8 and 16, explicit
+// in-register transposes: group_transpose.h), and add the bias in the same
 // pass. Results are bit-identical to `copy_` (and to `add_` for the bias:
-// reduced-precision adds are done in float and rounded once, as PyTorch does).
+// reduced-precision adds are done in float and rounded once, as c10's scalar
+// conversion does; PyTorch's own vector loop writes a NaN with other bits).
 //
 //   interleave_(dst, src, bias):  dst[i, j, e, v] = src[i, j, v, e] (+ bias[e*L + v])
 //   deinterleave_(dst, src, sum): dst[i, j, v, e] = src[i, j, e, v]
