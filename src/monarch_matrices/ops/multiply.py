@@ -8,7 +8,9 @@ Backward runs the same way and accumulates the factor gradients chunk by chunk
 (in bf16/fp16, ``w1``'s from groups of chunks: see ``GRAD_W1_GROUP_BYTES``) and
 the bias gradient while it reads each chunk of the output gradient.
 On CPU the permutations (and the bias) run in the optional C++ kernels of
-:mod:`~monarch_matrices.ops.permute` when they are built, and the output is
+:mod:`~monarch_matrices.ops.permute` when they are built (and a few tokens or
+small blocks take the one-pass kernels of :mod:`~monarch_matrices.ops.few_tokens`
+and :mod:`~monarch_matrices.ops.small_blocks`), and the output is
 allocated on huge pages (:mod:`~monarch_matrices.ops.memory`); neither changes
 a result.  On accelerators the whole batch is one chunk.
 """
@@ -19,7 +21,7 @@ import math
 
 import torch
 
-from . import small_blocks
+from . import few_tokens, small_blocks
 from .memory import empty_huge
 from .permute import column_sum_dtype, deinterleave_, interleave_
 from .reference import monarch_multiply_bmm
@@ -452,7 +454,10 @@ def monarch_multiply(
     batch_shape = x.shape[:-1]
     x2 = x.reshape(-1, k * p).contiguous()
     tensors = [x2, w1, w2, *(t for t in (bias, a, b) if t is not None)]
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+    if a is None and few_tokens.applies(x2, w1, w2, bias):  # 1-8 tokens: few_tokens.py
+        with torch.autocast(x.device.type, enabled=False):  # (a no-op without autocast)
+            y = few_tokens.multiply(x2, w1, w2, bias)
+    elif not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         if a is None and small_blocks.applies(x2, w1, w2, bias):
             y = small_blocks.forward(x2, w1, w2, bias)  # one pass, in L1 (small_blocks.py)
         elif x2.shape[0] <= SMALL_BATCH:

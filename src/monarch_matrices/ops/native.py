@@ -36,7 +36,8 @@ __all__ = [
 ]
 
 SOURCE_DIR = Path(__file__).with_name("_native")
-SOURCE_NAMES = ("permute.cpp", "small_blocks.cpp", "module.cpp")  # module.cpp: the bindings
+# module.cpp: the bindings
+SOURCE_NAMES = ("permute.cpp", "small_blocks.cpp", "few_tokens.cpp", "module.cpp")
 HEADER_NAMES = ("group_transpose.h", "partials.h")
 
 

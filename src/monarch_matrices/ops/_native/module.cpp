@@ -13,9 +13,15 @@ void small_blocks_grad_x_(torch::Tensor gx, torch::Tensor gh, torch::Tensor g, t
 void small_blocks_grad_w_(c10::optional<torch::Tensor> gw1t, c10::optional<torch::Tensor> gw2p,
                           torch::Tensor x, torch::Tensor gh, torch::Tensor g, torch::Tensor h,
                           int64_t k, int64_t l);
+void few_tokens_forward_(torch::Tensor y, torch::Tensor mid, torch::Tensor x, torch::Tensor w1,
+                         torch::Tensor w2, c10::optional<torch::Tensor> bias);
+void few_tokens_backward_(torch::Tensor g, torch::Tensor x, torch::Tensor w1, torch::Tensor w2,
+                          torch::Tensor mid, c10::optional<torch::Tensor> gx,
+                          c10::optional<torch::Tensor> gw1, c10::optional<torch::Tensor> gw2,
+                          c10::optional<torch::Tensor> gbias);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Monarch multiply CPU kernels: the stride permutations, and small-block multiplies";
+  m.doc() = "Monarch multiply CPU kernels: the stride permutations, small-block and few-token multiplies";
   m.def("interleave_", &interleave_, "dst[i,j,e,v] = src[i,j,v,e] (+ bias[e*l+v])",
         py::arg("dst"), py::arg("src"), py::arg("bias") = py::none());
   m.def("deinterleave_", &deinterleave_,
@@ -32,4 +38,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "adds the weight gradients of the small-block multiply (small_blocks.cpp)",
         py::arg("gw1t"), py::arg("gw2p"), py::arg("x"), py::arg("gh"), py::arg("g"), py::arg("h"),
         py::arg("k"), py::arg("l"));
+  m.def("few_tokens_forward_", &few_tokens_forward_,
+        "y = x M^T (+ bias) for up to 16 tokens, mid receives the middle (few_tokens.cpp)",
+        py::arg("y"), py::arg("mid"), py::arg("x"), py::arg("w1"), py::arg("w2"),
+        py::arg("bias") = py::none());
+  m.def("few_tokens_backward_", &few_tokens_backward_,
+        "the gradients of few_tokens_forward_ (few_tokens.cpp)", py::arg("g"), py::arg("x"),
+        py::arg("w1"), py::arg("w2"), py::arg("mid"), py::arg("gx") = py::none(),
+        py::arg("gw1") = py::none(), py::arg("gw2") = py::none(), py::arg("gbias") = py::none());
 }
