@@ -20,19 +20,22 @@ from . import native
 # EPYC against the other paths, in speedup over nn.Linear, forward / training:
 # float32 at 1-8 tokens 2.3-5.3x / 2.6-7.2x (chunked or small-block path 1.7-2.9x
 # / 1.6-3.1x); bf16 at 1 token 1.9-3.0x / 2.4-2.9x (0.9-1.3x / 0.7-1.1x), at 8
-# tokens 1.1-1.6x / 1.6-2.2x (0.9-1.2x / 0.7-1.1x).  From 16 tokens, and with
+# tokens 1.6-2.2x in training (0.7-1.1x) but 1.1-1.6x in inference, where the
+# plain two-bmm path of a 768->3072 layer was faster (1.2x): its dot products
+# then cost more than the weights take to stream.  From 16 tokens, and with
 # blocks of 1024 (whose weight rows it walks in 64-column strips), the GEMM paths
 # are as fast or faster.
-MAX_TOKENS = 8
+MAX_TOKENS = {torch.float32: 8, torch.bfloat16: 8}
+MAX_TOKENS_INFERENCE = {torch.float32: 8, torch.bfloat16: 4}
 MAX_BLOCK = 768
-DTYPES = (torch.float32, torch.bfloat16)
 
 
 def applies(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-            bias: torch.Tensor | None = None) -> bool:
+            bias: torch.Tensor | None = None, training: bool = True) -> bool:
     """Whether :func:`multiply` takes this multiply (and is faster than the GEMM paths):
-    1-8 tokens, float32 or bf16, blocks up to 768 wide, on CPU."""
-    return (0 < x.shape[0] <= MAX_TOKENS and x.dtype in DTYPES
+    1-8 tokens (bf16 inference 1-4), float32 or bf16, blocks up to 768 wide, on CPU."""
+    limits = MAX_TOKENS if training else MAX_TOKENS_INFERENCE
+    return (x.dtype in limits and 0 < x.shape[0] <= limits[x.dtype]
             and max(*w1.shape[1:], *w2.shape[1:]) <= MAX_BLOCK
             and w1.dtype == w2.dtype == x.dtype
             and (bias is None or bias.dtype == x.dtype)

@@ -454,10 +454,11 @@ def monarch_multiply(
     batch_shape = x.shape[:-1]
     x2 = x.reshape(-1, k * p).contiguous()
     tensors = [x2, w1, w2, *(t for t in (bias, a, b) if t is not None)]
-    if a is None and few_tokens.applies(x2, w1, w2, bias):  # 1-8 tokens: few_tokens.py
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if a is None and few_tokens.applies(x2, w1, w2, bias, training):  # 1-8 tokens
         with torch.autocast(x.device.type, enabled=False):  # (a no-op without autocast)
             y = few_tokens.multiply(x2, w1, w2, bias)
-    elif not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+    elif not training:
         if a is None and small_blocks.applies(x2, w1, w2, bias):
             y = small_blocks.forward(x2, w1, w2, bias)  # one pass, in L1 (small_blocks.py)
         elif x2.shape[0] <= SMALL_BATCH:
