@@ -153,3 +153,40 @@ def test_kernel_refuses_bad_input():
         kernels.few_tokens_forward_(y[:2], mid[:1], x[:2], w1, w2)
     with pytest.raises(RuntimeError, match="gw1 must be"):
         kernels.few_tokens_backward_(y[:2], x[:2], w1, w2, mid[:2], gw1=torch.empty(3))
+
+
+@pytest.mark.parametrize("tokens", [3, 100])  # the few-token kernel and the chunked path
+def test_torch_func_transforms_and_forward_ad_see_through_monarch_multiply(tokens):
+    """vmap, grad, jvp and forward-mode AD take the plain ops (no native memory reads,
+    no custom autograd function that would drop a tangent)."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, w1, w2, bias, _ = (t.float() for t in _inputs(SHAPES[2], tokens, seed=8))
+    tx = torch.randn_like(x)
+    want = monarch_multiply_reference(x.double(), w1.double(), w2.double()) + bias.double()
+    want_t = monarch_multiply_reference(tx.double(), w1.double(), w2.double())
+    with fwAD.dual_level():
+        y = monarch_multiply(fwAD.make_dual(x, tx), w1, w2, bias)
+        primal, tangent = fwAD.unpack_dual(y)
+    assert tangent is not None
+    assert _relative_error(primal, want) < 1e-6 and _relative_error(tangent, want_t) < 1e-6
+    _, jvp_out = torch.func.jvp(lambda xx: monarch_multiply(xx, w1, w2, bias), (x,), (tx,))
+    assert _relative_error(jvp_out, want_t) < 1e-6
+    per_token = torch.func.vmap(lambda xi: monarch_multiply(xi[None], w1, w2, bias)[0])(x)
+    assert _relative_error(per_token, want) < 1e-6
+    g = torch.func.grad(lambda w: monarch_multiply(x, w, w2, bias).sum())(w1)
+    w1r = w1.double().requires_grad_()
+    (monarch_multiply_reference(x.double(), w1r, w2.double())).sum().backward()
+    assert _relative_error(g, w1r.grad) < 1e-5
+
+
+def test_negated_views_and_an_empty_middle():
+    x, w1, w2, bias, _ = (t.float() for t in _inputs(SHAPES[2], 3, seed=9))
+    neg = torch._neg_view(x)  # memory holds x, the view means -x
+    assert neg.is_neg()
+    want = monarch_multiply_reference(-x.double(), w1.double(), w2.double()) + bias.double()
+    assert _relative_error(monarch_multiply(neg, w1, w2, bias), want) < 1e-6
+    # k*q = l*r = 0: the output is the bias
+    y = monarch_multiply(torch.randn(2, 8), torch.randn(2, 0, 4), torch.randn(1, 3, 0),
+                         torch.arange(3.0))
+    assert torch.equal(y, torch.arange(3.0).expand(2, 3))

@@ -7,7 +7,9 @@ makes six of them plus a dozen small tensor ops.  A bf16 training step of a
 768->3072 layer at 1-8 tokens then ran at 0.88-1.10x of ``nn.Linear``'s
 speed (the bench, 2026-12-03).  The native kernel makes one pass over each
 weight per pass of the multiply, the tokens' activations in L1, the
-permutations folded into its indexing, and sums in float32 in a fixed order.
+permutations folded into its indexing, and sums in float32 in a fixed order:
+the bits do not depend on the thread count, but (as with a BLAS) they may on
+how many tokens share the call, which sets how a dot product is split.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def applies(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
     1-8 tokens (bf16 inference 1-4), float32 or bf16, blocks up to 768 wide, on CPU."""
     limits = MAX_TOKENS if training else MAX_TOKENS_INFERENCE
     return (x.dtype in limits and 0 < x.shape[0] <= limits[x.dtype]
-            and max(*w1.shape[1:], *w2.shape[1:]) <= MAX_BLOCK
+            and 0 < min(*w1.shape, *w2.shape) and max(*w1.shape[1:], *w2.shape[1:]) <= MAX_BLOCK
             and w1.dtype == w2.dtype == x.dtype
             and (bias is None or bias.dtype == x.dtype)
             # parameters too (detach() drops nn.Parameter, keeps FakeTensor & co.)

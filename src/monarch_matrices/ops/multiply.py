@@ -10,9 +10,10 @@ the bias gradient while it reads each chunk of the output gradient.
 On CPU the permutations (and the bias) run in the optional C++ kernels of
 :mod:`~monarch_matrices.ops.permute` when they are built (and a few tokens or
 small blocks take the one-pass kernels of :mod:`~monarch_matrices.ops.few_tokens`
-and :mod:`~monarch_matrices.ops.small_blocks`), and the output is
-allocated on huge pages (:mod:`~monarch_matrices.ops.memory`); neither changes
-a result.  On accelerators the whole batch is one chunk.
+and :mod:`~monarch_matrices.ops.small_blocks`, which sum in float32 and round
+once), and the output may be allocated on huge pages
+(:mod:`~monarch_matrices.ops.memory`); the permutation kernels and huge pages
+change no result.  On accelerators the whole batch is one chunk.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from . import few_tokens, small_blocks
 from .memory import empty_huge
@@ -412,9 +414,11 @@ def monarch_multiply(
             y[e·l + v] = Σ_u w2[v, e, u] · h[u·l + v]
 
     A custom autograd function: it saves only ``x`` and the middle activation
-    (the latter only when ``w2`` needs a gradient), skips the gradients nobody
-    asked for, and supports real and complex dtypes; without any gradient to
-    track it skips autograd altogether.  Under autocast the inputs
+    (the latter only when ``w2`` needs a gradient; for 1-8 tokens on CPU, a
+    float32 copy of it, a few KiB), skips the gradients nobody asked for, and
+    supports real and complex dtypes; without any gradient to track it skips
+    autograd altogether.  Under ``torch.func`` transforms or forward-mode AD it
+    runs the plain two-``bmm`` ops, which those see through.  Under autocast the inputs
     are cast to the autocast dtype, as for ``nn.Linear``.  It is differentiable
     once; for higher-order derivatives use
     :func:`~monarch_matrices.ops.monarch_multiply_reference`.
@@ -452,6 +456,11 @@ def monarch_multiply(
             + "; cast them to one dtype or run under torch.autocast"
         )
     batch_shape = x.shape[:-1]
+    if _transformed(x, w1, w2, *extra):  # vmap, jvp, forward-mode AD: plain ops only
+        y = monarch_multiply_bmm(x.reshape(-1, k * p), w1, w2)
+        y = y if bias is None else y + bias
+        y = y if a is None else y + (x.reshape(-1, k * p) @ a.t()) @ b.t()
+        return y.reshape(*batch_shape, s * l)
     x2 = x.reshape(-1, k * p).contiguous()
     tensors = [x2, w1, w2, *(t for t in (bias, a, b) if t is not None)]
     training = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
@@ -477,6 +486,22 @@ def monarch_multiply(
     else:
         y = _MonarchMultiply.apply(x2, w1, w2, bias, a, b)
     return y.reshape(*batch_shape, s * l)
+
+
+def _transformed(*tensors: torch.Tensor) -> bool:
+    """Whether any input is seen through a functorch transform (``vmap``, ``grad``,
+    ``jvp``) or carries a forward-mode tangent: then only the plain differentiable
+    ops see the transform; the native kernels would read raw memory and the
+    custom autograd function would drop the tangent."""
+    if torch.compiler.is_compiling():  # Dynamo handles transforms itself (and the native
+        return False                    # paths are skipped there: native.plain_cpu_tensor)
+    wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    for t in tensors:
+        if wrapped is not None and wrapped(t):
+            return True
+        if fwAD.unpack_dual(t).tangent is not None:
+            return True
+    return False
 
 
 def _check_lowrank(lowrank: object, n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:

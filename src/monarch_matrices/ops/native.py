@@ -74,10 +74,12 @@ def plain_cpu_tensor(t: torch.Tensor) -> bool:
     """A real CPU tensor with memory behind ``data_ptr()``, outside any tracing.
 
     Only such tensors may go to the kernels or to ``madvise``: subclasses
-    (FakeTensor under ``FakeTensorMode``, DTensor, ...) and traced graphs
-    (``torch.compile``) take the PyTorch ops, which they know how to handle.
+    (FakeTensor under ``FakeTensorMode``, DTensor, ...), traced graphs
+    (``torch.compile``) and lazily negated or conjugated views (whose memory
+    holds the other sign) take the PyTorch ops, which know how to handle them.
     """
     return (type(t) is torch.Tensor and t.device.type == "cpu"
+            and not t.is_neg() and not t.is_conj()
             and not torch.compiler.is_compiling())
 
 

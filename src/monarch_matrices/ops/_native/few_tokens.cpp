@@ -259,7 +259,8 @@ void forward_impl(const torch::Tensor& y, const torch::Tensor& x, const torch::T
     }
   });
   // stage 2: row (v, e) of w2 gives y[t, e*l + v]; tasks take ranges of e*l + v, so
-  // that two threads never write into one cache line of the output
+  // that two threads share at most the cache lines at their ranges' ends (in (v, e)
+  // order they took turns on every line of the output: 3x slower, measured)
   std::vector<float> out(n * s * l);
   at::parallel_for(0, l * s, 32, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
