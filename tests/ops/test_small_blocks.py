@@ -237,3 +237,72 @@ def test_a_bias_on_another_device_is_refused_cleanly():
     assert not small_blocks.applies(x, w1, w2, bias)
     with torch.no_grad(), pytest.raises((RuntimeError, NotImplementedError)):
         monarch_multiply(x, w1, w2, bias)
+
+
+needs_bf16_dot = pytest.mark.skipif(
+    os.environ.get(native.ENV_SWITCH, "1") == "0" or not native.kernels().small_blocks_bf16_dot(),
+    reason="native kernels off, or built without AVX512-BF16")
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("shape", [
+    (32, 32, 32, 32, 32, 32),  # the sqrt(n) Monarch of 1024
+    (4, 16, 8, 16, 5, 4),      # odd s
+    (2, 48, 20, 32, 3, 3),     # odd r: the last u pairs with zero; three vectors of q
+    (1, 16, 2, 16, 7, 1),      # one pair of j, r = 1
+])
+@pytest.mark.parametrize("tokens", [1, 7, 8, 9, 203])  # whole tiles of 8 and ragged ones
+def test_bf16_dot_kernel_matches_float64_reference(shape, tokens):
+    k, q, p, l, s, r = shape
+    w1, w2, bias = (t.bfloat16() for t in _factors(*shape, seed=tokens))
+    x = torch.randn(tokens, k * p, dtype=F64, generator=torch.Generator().manual_seed(2))
+    x = x.bfloat16()
+    want = monarch_multiply_reference(x.double(), w1.double(), w2.double()) + bias.double()
+    for b in (bias, None):
+        y = small_blocks.forward(x, w1, w2, b)  # inference, bf16: the dot-product kernel
+        assert y.dtype == torch.bfloat16
+        assert _relative_error(y, want if b is not None else want - bias.double()) < 1e-2
+
+
+@needs_bf16_dot
+def test_bf16_dot_kernel_is_used_for_bf16_inference_only(monkeypatch):
+    kernels = native.kernels()
+    calls = []
+
+    class Spy:
+        def __getattr__(self, name):
+            attr = getattr(kernels, name)
+            if name.startswith("small_blocks_forward"):
+                return lambda *a: calls.append(name) or attr(*a)
+            return attr
+
+    monkeypatch.setattr(native, "kernels", lambda: Spy())
+    w1, w2, bias = _factors(32, 32, 32, 32, 32, 32)
+    x = torch.randn(100, 1024, dtype=F64)
+    with torch.no_grad():
+        monarch_multiply(x.bfloat16(), w1.bfloat16(), w2.bfloat16(), bias.bfloat16())
+        monarch_multiply(x.float(), w1.float(), w2.float(), bias.float())
+    # training that keeps the middle for w2's gradient: the float32-FMA kernel, which
+    # writes it; without w2's gradient nothing is kept and the dot kernel serves
+    for w2_grad in (True, False):
+        w1b, w2b = w1.bfloat16().requires_grad_(), w2.bfloat16().requires_grad_(w2_grad)
+        monarch_multiply(x.bfloat16(), w1b, w2b, bias.bfloat16()).sum().backward()
+    assert calls == ["small_blocks_forward_dpbf16_", "small_blocks_forward_",
+                     "small_blocks_forward_", "small_blocks_forward_dpbf16_"]
+
+
+@needs_bf16_dot
+def test_bf16_dot_kernel_refuses_what_it_cannot_do():
+    kernels = native.kernels()
+    w1, w2, _ = (t.bfloat16() for t in _factors(2, 16, 8, 16, 2, 2))
+    w1p, w2p = small_blocks._pack_pairs(w1, w2)
+    x, y = torch.randn(3, 16).bfloat16(), torch.empty(3, 32, dtype=torch.bfloat16)
+    kernels.small_blocks_forward_dpbf16_(y, x, w1p, w2p)  # fits
+    with pytest.raises(RuntimeError, match="bf16 CPU tensors"):
+        kernels.small_blocks_forward_dpbf16_(y.float(), x.float(), w1p, w2p)
+    with pytest.raises(RuntimeError, match="do not fit"):
+        kernels.small_blocks_forward_dpbf16_(y, x[:, :8].contiguous(), w1p, w2p)
+    with pytest.raises(RuntimeError, match="packed"):
+        kernels.small_blocks_forward_dpbf16_(y, x, w1, w2p)
+    with pytest.raises(RuntimeError, match="bias"):
+        kernels.small_blocks_forward_dpbf16_(y, x, w1p, w2p, torch.zeros(31))

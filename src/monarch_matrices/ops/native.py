@@ -37,7 +37,9 @@ __all__ = [
 
 SOURCE_DIR = Path(__file__).with_name("_native")
 # module.cpp: the bindings
-SOURCE_NAMES = ("permute.cpp", "small_blocks.cpp", "few_tokens.cpp", "module.cpp")
+SOURCE_NAMES = (
+    "permute.cpp", "small_blocks.cpp", "small_blocks_dpbf16.cpp", "few_tokens.cpp", "module.cpp"
+)
 HEADER_NAMES = ("group_transpose.h", "partials.h")
 
 
