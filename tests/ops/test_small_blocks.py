@@ -282,13 +282,16 @@ def test_bf16_dot_kernel_is_used_for_bf16_inference_only(monkeypatch):
     with torch.no_grad():
         monarch_multiply(x.bfloat16(), w1.bfloat16(), w2.bfloat16(), bias.bfloat16())
         monarch_multiply(x.float(), w1.float(), w2.float(), bias.float())
-    # training that keeps the middle for w2's gradient: the float32-FMA kernel, which
-    # writes it; without w2's gradient nothing is kept and the dot kernel serves
-    for w2_grad in (True, False):
-        w1b, w2b = w1.bfloat16().requires_grad_(), w2.bfloat16().requires_grad_(w2_grad)
-        monarch_multiply(x.bfloat16(), w1b, w2b, bias.bfloat16()).sum().backward()
+    # a bf16 training forward too, keeping the middle for w2's gradient
+    w1b, w2b = w1.bfloat16().requires_grad_(), w2.bfloat16().requires_grad_()
+    y = monarch_multiply(x.bfloat16(), w1b, w2b, bias.bfloat16())
+    y.backward(torch.ones_like(y))
     assert calls == ["small_blocks_forward_dpbf16_", "small_blocks_forward_",
-                     "small_blocks_forward_", "small_blocks_forward_dpbf16_"]
+                     "small_blocks_forward_dpbf16_"]
+    ref = [t.double().requires_grad_() for t in (w1.bfloat16(), w2.bfloat16())]
+    monarch_multiply_reference(x.bfloat16().double(), *ref).sum().backward()
+    assert _relative_error(w2b.grad, ref[1].grad) < 1e-2  # from the kept middle
+    assert _relative_error(w1b.grad, ref[0].grad) < 1e-2
 
 
 @needs_bf16_dot
@@ -306,3 +309,5 @@ def test_bf16_dot_kernel_refuses_what_it_cannot_do():
         kernels.small_blocks_forward_dpbf16_(y, x, w1, w2p)
     with pytest.raises(RuntimeError, match="bias"):
         kernels.small_blocks_forward_dpbf16_(y, x, w1p, w2p, torch.zeros(31))
+    with pytest.raises(RuntimeError, match="mid must be"):
+        kernels.small_blocks_forward_dpbf16_(y, x, w1p, w2p, None, torch.empty(3, 31).bfloat16())

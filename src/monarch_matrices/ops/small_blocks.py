@@ -11,12 +11,12 @@ which the kernel computes in float32, 1.15-1.6x faster for blocks of 32 from 64
 tokens up and slower for wider blocks, where oneDNN's bf16 GEMMs win.  Hence
 the limits below.  Training runs the same way (:class:`_SmallBlocksMultiply`:
 backward is the two stages in the other order and one pass that sums both
-weight gradients), which also needs ``p`` to be a multiple of 16.  bf16
-inference on CPUs with AVX512-BF16 takes ``_native/small_blocks_dpbf16.cpp``
-instead (``p`` even): the same tiles with pairs of bf16 products per
-instruction, the middle rounded to bf16 between the factors as the bf16 GEMMs
-round it; 1.7-2.1x faster than the float32-FMA kernel on the sqrt(n) Monarch of
-1024, weights packed on every call included.
+weight gradients), which also needs ``p`` to be a multiple of 16.  The bf16
+forward on CPUs with AVX512-BF16 takes ``_native/small_blocks_dpbf16.cpp``
+instead: the same tiles with pairs of bf16 products per instruction, the
+middle rounded to bf16 between the factors as the bf16 GEMMs round it; 1.7-2.1x
+faster than the float32-FMA kernel on the sqrt(n) Monarch of 1024, weights
+packed on every call included (backward stays on the float32-FMA kernel).
 """
 
 from __future__ import annotations
@@ -60,11 +60,11 @@ def forward(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: torch.Ten
     assert kernels is not None
     l, s, _ = w2.shape
     y = x.new_empty(x.shape[0], s * l)
-    if mid is None and x.dtype == torch.bfloat16 and w1.shape[2] % 2 == 0 \
+    if x.dtype == torch.bfloat16 and w1.shape[2] % 2 == 0 \
             and kernels.small_blocks_bf16_dot():  # pairs of bf16 products (AVX512-BF16)
         w1p, w2p = _pack_pairs(w1.detach(), w2.detach())
         b = None if bias is None else bias.detach().float().contiguous()
-        kernels.small_blocks_forward_dpbf16_(y, x, w1p, w2p, b)
+        kernels.small_blocks_forward_dpbf16_(y, x, w1p, w2p, b, mid)
         return y
     w1t = w1.detach().float().transpose(1, 2).contiguous()  # (k, p, q): outputs contiguous
     w2p = w2.detach().float().permute(1, 2, 0).contiguous()  # (s, r, l): blocks contiguous

@@ -21,7 +21,8 @@ void few_tokens_backward_(torch::Tensor g, torch::Tensor x, torch::Tensor w1, to
                           c10::optional<torch::Tensor> gbias);
 bool small_blocks_bf16_dot();
 void small_blocks_forward_dpbf16_(torch::Tensor y, torch::Tensor x, torch::Tensor w1p,
-                                  torch::Tensor w2p, c10::optional<torch::Tensor> bias);
+                                  torch::Tensor w2p, c10::optional<torch::Tensor> bias,
+                                  c10::optional<torch::Tensor> mid);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Monarch multiply CPU kernels: the stride permutations, small-block and few-token multiplies";
@@ -45,7 +46,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether small_blocks_forward_dpbf16_ was built (AVX512-BF16)");
   m.def("small_blocks_forward_dpbf16_", &small_blocks_forward_dpbf16_,
         "bf16 small-block forward with bf16 dot products (small_blocks_dpbf16.cpp)", py::arg("y"),
-        py::arg("x"), py::arg("w1p"), py::arg("w2p"), py::arg("bias") = py::none());
+        py::arg("x"), py::arg("w1p"), py::arg("w2p"), py::arg("bias") = py::none(),
+        py::arg("mid") = py::none());
   m.def("few_tokens_forward_", &few_tokens_forward_,
         "y = x M^T (+ bias) for up to 16 tokens, mid receives the middle (few_tokens.cpp)",
         py::arg("y"), py::arg("mid"), py::arg("x"), py::arg("w1"), py::arg("w2"),

@@ -15,8 +15,8 @@
 //                  w2 as w2p[e, u/2, v, 2]; vectors along v as in small_blocks.cpp.
 //
 // The middle is rounded to bf16 between the factors, as the chunked path's bf16
-// GEMMs round it. Inference only (nothing is kept for backward); needs p and r
-// even and q, l multiples of 16.
+// GEMMs round it; `mid` (or null) receives h in bf16 for backward. Needs p even
+// and q, l multiples of 16.
 
 #include <torch/extension.h>
 
@@ -143,8 +143,14 @@ void second_factor(const uint16_t* hp, int64_t ldp, const uint16_t* w2p, int64_t
 template <int NT>
 void tile(const uint16_t* x, int64_t ldx, const uint16_t* w1p, const uint16_t* w2p,
           const float* bias, int64_t K, int64_t P, int64_t Q, int64_t E, int64_t U, int64_t L,
-          float* mid, int64_t ldm, uint16_t* hp, int64_t ldp, uint16_t* y, int64_t ldy) {
+          float* mid, int64_t ldm, uint16_t* hp, int64_t ldp, uint16_t* y, int64_t ldy,
+          uint16_t* mid_out) {
   first_factor<NT>(x, ldx, w1p, K, P, Q, mid, ldm);
+  if (mid_out != nullptr)  // h for backward, rows K*Q long (Q is a multiple of 16)
+    for (int t = 0; t < NT; ++t)
+      for (int64_t i = 0; i < K * Q; i += kLanes)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(mid_out + t * K * Q + i),
+                            round16(_mm512_loadu_ps(mid + t * ldm + i)));
   pack_middle<NT>(mid, ldm, U, L, hp, ldp);
   second_factor<NT>(hp, ldp, w2p, E, (U + 1) / 2, L, bias, y, ldy);
 }
@@ -154,9 +160,11 @@ void tile(const uint16_t* x, int64_t ldx, const uint16_t* w1p, const uint16_t* w
 bool small_blocks_bf16_dot() { return true; }
 
 // y = x M^T (+ bias) for bf16 x (N, k*p) and y (N, s*l) with rows contiguous;
-// w1p (k, p/2, q, 2) and w2p (s, ceil(r/2), l, 2) bf16 packed as above, bias float32.
+// w1p (k, p/2, q, 2) and w2p (s, ceil(r/2), l, 2) bf16 packed as above, bias float32;
+// with mid (N, k*q) bf16, also keeps the middle activation.
 void small_blocks_forward_dpbf16_(torch::Tensor y, torch::Tensor x, torch::Tensor w1p,
-                                  torch::Tensor w2p, c10::optional<torch::Tensor> bias) {
+                                  torch::Tensor w2p, c10::optional<torch::Tensor> bias,
+                                  c10::optional<torch::Tensor> mid) {
   auto bf16_cpu = [](const torch::Tensor& t) {
     return t.device().is_cpu() && t.scalar_type() == at::kBFloat16;
   };
@@ -185,6 +193,13 @@ void small_blocks_forward_dpbf16_(torch::Tensor y, torch::Tensor x, torch::Tenso
     b = bias->data_ptr<float>();
   }
   const int64_t n = x.size(0);
+  uint16_t* mid_out = nullptr;
+  if (mid.has_value() && mid->defined()) {
+    TORCH_CHECK(bf16_cpu(*mid) && mid->is_contiguous() && mid->dim() == 2 &&
+                    mid->size(0) == n && mid->size(1) == K * Q,
+                "small_blocks_forward_dpbf16_: mid must be a contiguous bf16 CPU (N, k*q)");
+    mid_out = reinterpret_cast<uint16_t*>(mid->data_ptr());
+  }
   if (n == 0) return;
   const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
   auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
@@ -201,11 +216,12 @@ void small_blocks_forward_dpbf16_(torch::Tensor y, torch::Tensor x, torch::Tenso
       const int64_t t0 = t * kTile, nt = std::min<int64_t>(kTile, n - t0);
       if (nt == kTile) {
         tile<kTile>(xp + t0 * ldx, ldx, w1, w2, b, K, P, Q, E, U, L, mid.data(), ldm, hp.data(),
-                    ldp, yp + t0 * ldy, ldy);
+                    ldp, yp + t0 * ldy, ldy, mid_out ? mid_out + t0 * K * Q : nullptr);
       } else {
         for (int64_t i = 0; i < nt; ++i)  // the ragged last tile, a token at a time
           tile<1>(xp + (t0 + i) * ldx, ldx, w1, w2, b, K, P, Q, E, U, L, mid.data(), ldm,
-                  hp.data(), ldp, yp + (t0 + i) * ldy, ldy);
+                  hp.data(), ldp, yp + (t0 + i) * ldy, ldy,
+                  mid_out ? mid_out + (t0 + i) * K * Q : nullptr);
       }
     }
   });
@@ -216,7 +232,7 @@ void small_blocks_forward_dpbf16_(torch::Tensor y, torch::Tensor x, torch::Tenso
 bool small_blocks_bf16_dot() { return false; }
 
 void small_blocks_forward_dpbf16_(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
-                                  c10::optional<torch::Tensor>) {
+                                  c10::optional<torch::Tensor>, c10::optional<torch::Tensor>) {
   TORCH_CHECK(false, "small_blocks_forward_dpbf16_: built without AVX512-BF16");
 }
 
