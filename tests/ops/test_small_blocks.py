@@ -105,7 +105,15 @@ def test_when_the_kernel_is_not_used(monkeypatch):
     x = torch.randn(100, 1024)
     assert not small_blocks.applies(x.half(), w1.half(), w2.half())  # no fp16 kernel
     assert not small_blocks.applies(x[:4], w1, w2)  # too few tokens to pay for the set-up
-    assert not small_blocks.applies(x.bfloat16()[:64], w1.bfloat16(), w2.bfloat16())
+    bf16_dot = native.kernels() is not None and native.kernels().small_blocks_bf16_dot()
+    # bf16: from 65 tokens, or 64 for inference with the dot-product kernel
+    assert not small_blocks.applies(x.bfloat16()[:64], w1.bfloat16(), w2.bfloat16(),
+                                    training=True)
+    assert small_blocks.applies(x.bfloat16()[:64], w1.bfloat16(), w2.bfloat16()) == bf16_dot
+    assert not small_blocks.applies(x.bfloat16()[:63], w1.bfloat16(), w2.bfloat16())
+    w64 = torch.randn(16, 64, 64).bfloat16()  # blocks of 64: bf16 inference with the dot kernel
+    assert small_blocks.applies(x.bfloat16(), w64, w64) == bf16_dot
+    assert not small_blocks.applies_to_training(x.bfloat16(), w64, w64)
     wide = torch.randn(8, 128, 128)  # oneDNN's GEMMs win at 128
     assert not small_blocks.applies(x, wide, torch.randn(8, 128, 128))
     assert not small_blocks.applies(torch.randn(100, 32 * 24), torch.randn(32, 24, 24),
@@ -247,6 +255,7 @@ needs_bf16_dot = pytest.mark.skipif(
 @needs_bf16_dot
 @pytest.mark.parametrize("shape", [
     (32, 32, 32, 32, 32, 32),  # the sqrt(n) Monarch of 1024
+    (16, 64, 64, 16, 64, 64),  # blocks of 64, which bf16 inference takes here too
     (4, 16, 8, 16, 5, 4),      # odd s
     (2, 48, 20, 32, 3, 3),     # odd r: the last u pairs with zero; three vectors of q
     (1, 16, 2, 16, 7, 1),      # one pair of j, r = 1
