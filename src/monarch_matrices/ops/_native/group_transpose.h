@@ -112,32 +112,28 @@ inline void rotate(typename Bits<Size>::vec (&v)[L], int rounds) {
 
 constexpr int log2(int x) { return x <= 1 ? 0 : 1 + log2(x / 2); }
 
+// L vectors loaded from s (ls elements apart), rotated, stored to d (ld apart).
+template <int L, bool Zip, typename T>
+inline void transpose_group(const T* __restrict s, int64_t ls, T* __restrict d, int64_t ld) {
+  using B = Bits<sizeof(T)>;
+  typename B::vec v[L];
+#pragma GCC unroll 16
+  for (int i = 0; i < L; ++i) v[i] = *reinterpret_cast<const typename B::vec_u*>(s + i * ls);
+  rotate<sizeof(T), L, Zip>(v, log2(L));
+#pragma GCC unroll 16
+  for (int i = 0; i < L; ++i) *reinterpret_cast<typename B::vec_u*>(d + i * ld) = v[i];
+}
+
 // d[v*dv + e] = s[e*L + v] for e in [0, lanes<T>()): one group of a deinterleave.
 template <int L, typename T>
 inline void deinterleave_group(const T* __restrict s, T* __restrict d, int64_t dv) {
-  constexpr int Size = sizeof(T);
-  constexpr int W = lanes<T>();
-  using B = Bits<Size>;
-  typename B::vec v[L];
-#pragma GCC unroll 16
-  for (int i = 0; i < L; ++i) v[i] = *reinterpret_cast<const typename B::vec_u*>(s + i * W);
-  rotate<Size, L, false>(v, log2(L));
-#pragma GCC unroll 16
-  for (int i = 0; i < L; ++i) *reinterpret_cast<typename B::vec_u*>(d + i * dv) = v[i];
+  transpose_group<L, false>(s, lanes<T>(), d, dv);
 }
 
 // d[e*L + v] = s[v*sv + e] for e in [0, lanes<T>()): one group of an interleave.
 template <int L, typename T>
 inline void interleave_group(const T* __restrict s, int64_t sv, T* __restrict d) {
-  constexpr int Size = sizeof(T);
-  constexpr int W = lanes<T>();
-  using B = Bits<Size>;
-  typename B::vec v[L];
-#pragma GCC unroll 16
-  for (int i = 0; i < L; ++i) v[i] = *reinterpret_cast<const typename B::vec_u*>(s + i * sv);
-  rotate<Size, L, true>(v, log2(L));
-#pragma GCC unroll 16
-  for (int i = 0; i < L; ++i) *reinterpret_cast<typename B::vec_u*>(d + i * W) = v[i];
+  transpose_group<L, true>(s, sv, d, lanes<T>());
 }
 
 // Whether group_transpose handles a group size: powers of two from 8 to 16
