@@ -21,30 +21,35 @@ from . import native
 # Where the kernel is used (it takes up to 16 tokens).  Measured on a 2-core AMD
 # EPYC against the other paths, in speedup over nn.Linear, forward / training:
 # float32 at 1-8 tokens 2.3-5.3x / 2.6-7.2x (chunked or small-block path 1.7-2.9x
-# / 1.6-3.1x); bf16 at 1 token 1.9-3.0x / 2.4-2.9x (0.9-1.3x / 0.7-1.1x), at 8
-# tokens 1.6-2.2x in training (0.7-1.1x) but 1.1-1.6x in inference, where the
-# plain two-bmm path of a 768->3072 layer was faster (1.2x): its dot products
-# then cost more than the weights take to stream.  From 16 tokens, and with
-# blocks of 1024 (whose weight rows it walks in 64-column strips), the GEMM paths
-# are as fast or faster.
+# / 1.6-3.1x); bf16 at 1 token 2.0-3.6x / 2.4-2.9x (1.0-2.0x / 0.7-1.1x), at 8
+# tokens 1.4-2.3x / 1.6-2.2x (0.8-1.0x / 0.7-1.1x).  The bf16 forward needs the
+# AVX512-BF16 dot products for that at 8 tokens: without them (float32 FMAs on
+# widened weights) it was slower than the plain two-bmm path there, so bf16
+# inference then stops at 4 tokens.  From 16 tokens, and with blocks of 1024
+# (whose weight rows it walks in 64-column strips), the GEMM paths are as fast or
+# faster.
 MAX_TOKENS = {torch.float32: 8, torch.bfloat16: 8}
-MAX_TOKENS_INFERENCE = {torch.float32: 8, torch.bfloat16: 4}
+BF16_INFERENCE_WITHOUT_DOT = 4
 MAX_BLOCK = 768
 
 
 def applies(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
             bias: torch.Tensor | None = None, training: bool = True) -> bool:
     """Whether :func:`multiply` takes this multiply (and is faster than the GEMM paths):
-    1-8 tokens (bf16 inference 1-4), float32 or bf16, blocks up to 768 wide, on CPU."""
-    limits = MAX_TOKENS if training else MAX_TOKENS_INFERENCE
-    return (x.dtype in limits and 0 < x.shape[0] <= limits[x.dtype]
+    1-8 tokens (bf16 inference 1-4 without AVX512-BF16), float32 or bf16, blocks up to
+    768 wide, on CPU."""
+    if x.dtype not in MAX_TOKENS or not 0 < x.shape[0] <= MAX_TOKENS[x.dtype]:
+        return False
+    kernels = native.kernels()
+    if (not training and x.dtype == torch.bfloat16 and x.shape[0] > BF16_INFERENCE_WITHOUT_DOT
+            and (kernels is None or not kernels.few_tokens_bf16_dot())):
+        return False
+    return (kernels is not None
             and 0 < min(*w1.shape, *w2.shape) and max(*w1.shape[1:], *w2.shape[1:]) <= MAX_BLOCK
             and w1.dtype == w2.dtype == x.dtype
             and (bias is None or bias.dtype == x.dtype)
-            # parameters too (detach() drops nn.Parameter, keeps FakeTensor & co.)
-            and all(native.plain_cpu_tensor(t.detach())
-                    for t in (x, w1, w2, *(() if bias is None else (bias,))))
-            and native.kernels() is not None)
+            and all(native.plain_cpu_tensor(t)
+                    for t in (x, w1, w2, *(() if bias is None else (bias,)))))
 
 
 def _forward(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,

@@ -465,8 +465,7 @@ def monarch_multiply(
     tensors = [x2, w1, w2, *(t for t in (bias, a, b) if t is not None)]
     training = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     if a is None and few_tokens.applies(x2, w1, w2, bias, training):  # 1-8 tokens
-        with torch.autocast(x.device.type, enabled=False):  # (a no-op without autocast)
-            y = few_tokens.multiply(x2, w1, w2, bias)
+        y = few_tokens.multiply(x2, w1, w2, bias)  # (cast above; no op in it autocasts)
     elif not training:
         if a is None and small_blocks.applies(x2, w1, w2, bias):
             y = small_blocks.forward(x2, w1, w2, bias)  # one pass, in L1 (small_blocks.py)
@@ -496,10 +495,11 @@ def _transformed(*tensors: torch.Tensor) -> bool:
     if torch.compiler.is_compiling():  # Dynamo handles transforms itself (and the native
         return False                    # paths are skipped there: native.plain_cpu_tensor)
     wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    dual_level = getattr(fwAD, "_current_level", 0)  # -1 outside any dual_level()
     for t in tensors:
         if wrapped is not None and wrapped(t):
             return True
-        if fwAD.unpack_dual(t).tangent is not None:
+        if dual_level >= 0 and fwAD.unpack_dual(t).tangent is not None:
             return True
     return False
 

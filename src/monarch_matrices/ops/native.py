@@ -80,9 +80,12 @@ def plain_cpu_tensor(t: torch.Tensor) -> bool:
     (``torch.compile``) and lazily negated or conjugated views (whose memory
     holds the other sign) take the PyTorch ops, which know how to handle them.
     """
-    return (type(t) is torch.Tensor and t.device.type == "cpu"
-            and not t.is_neg() and not t.is_conj()
+    return (type(t) in _PLAIN and t.is_cpu and not t.is_neg() and not t.is_conj()
             and not torch.compiler.is_compiling())
+
+
+# the exact types (not subclasses) whose memory is what it says: a parameter is one
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def build_dir() -> Path:

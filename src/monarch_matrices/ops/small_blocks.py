@@ -56,8 +56,7 @@ def applies(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
     return (w1.dtype == w2.dtype == dtype
             and max(p, q, r, s) <= widest and x.shape[0] >= fewest
             and q % LANES == 0 and l % LANES == 0
-            # parameters too (detach() drops nn.Parameter, keeps FakeTensor & co.)
-            and all(native.plain_cpu_tensor(t.detach())
+            and all(native.plain_cpu_tensor(t)
                     for t in (x, w1, w2, *(() if bias is None else (bias,))))
             and native.kernels() is not None)
 

@@ -24,6 +24,10 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+#include <type_traits>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -161,6 +165,59 @@ inline void dots_n(const T* w, const float* in, int64_t ld, int64_t width, int64
   }
 }
 
+#if defined(__AVX512BF16__)
+// dots() with bf16 rows on both sides, pairs of products per vdpbf16ps: half the
+// instructions of widening the weights to float32 and no float32 copy of `in`.
+template <int NT>
+inline void dots_bf16(const uint16_t* w, const uint16_t* in, int64_t ld, int64_t width,
+                      float* out) {
+  constexpr int kPairLanes = 2 * kLanes;  // bf16 per vector
+  constexpr int U = NT == 1 ? 4 : NT == 2 ? 2 : 1;
+  __m512 acc[U][NT];
+  for (int u = 0; u < U; ++u)
+    for (int i = 0; i < NT; ++i) acc[u][i] = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + U * kPairLanes <= width; j += U * kPairLanes) {
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) {
+      const __m512bh wv = reinterpret_cast<__m512bh>(_mm512_loadu_si512(w + j + u * kPairLanes));
+#pragma GCC unroll 8
+      for (int i = 0; i < NT; ++i) {
+        const __m512i xv = _mm512_loadu_si512(in + i * ld + j + u * kPairLanes);
+        acc[u][i] = _mm512_dpbf16_ps(acc[u][i], reinterpret_cast<__m512bh>(xv), wv);
+      }
+    }
+  }
+  for (; j + kPairLanes <= width; j += kPairLanes) {
+    const __m512bh wv = reinterpret_cast<__m512bh>(_mm512_loadu_si512(w + j));
+    for (int i = 0; i < NT; ++i)
+      acc[0][i] = _mm512_dpbf16_ps(acc[0][i], reinterpret_cast<__m512bh>(
+                                                  _mm512_loadu_si512(in + i * ld + j)), wv);
+  }
+  for (int i = 0; i < NT; ++i) {
+    __m512 total = acc[0][i];
+    for (int u = 1; u < U; ++u) total = _mm512_add_ps(total, acc[u][i]);
+    vf t;
+    std::memcpy(&t, &total, sizeof t);
+    float sum = lane_sum(t);
+    for (int64_t jj = j; jj < width; ++jj) sum += widen(w[jj]) * widen(in[i * ld + jj]);
+    out[i] = sum;
+  }
+}
+
+inline void dots_bf16_n(const uint16_t* w, const uint16_t* in, int64_t ld, int64_t width,
+                        int64_t n, float* out, int64_t ldo) {
+  float r[kGroup];
+  for (int64_t t0 = 0; t0 < n; t0 += kGroup) {
+    const int64_t nt = std::min<int64_t>(kGroup, n - t0);
+    with_tokens<kGroup>(nt, [&](auto tokens) {
+      dots_bf16<decltype(tokens)::value>(w, in + t0 * ld, ld, width, r);
+    });
+    for (int64_t i = 0; i < nt; ++i) out[(t0 + i) * ldo] = r[i];
+  }
+}
+#endif
+
 // gin[t, j..] += sum_c coef[c, t] * w[c, j..] for NT tokens and one lane group V of
 // columns: an input gradient. coef is (rows, ldc), gin (tokens, lda), float32.
 template <int NT, typename V, typename T>
@@ -247,17 +304,32 @@ void forward_impl(const torch::Tensor& y, const torch::Tensor& x, const torch::T
   const int64_t n = x.size(0), k = w1.size(0), q = w1.size(1), p = w1.size(2);
   const int64_t l = w2.size(0), s = w2.size(1), r = w2.size(2);
   const T* xp = data<T>(x);
-  std::vector<float> xf(n * k * p);
-  for (int64_t i = 0; i < n * k * p; ++i) xf[i] = Lane<float>::load(xp + i);
   const T* w1p = data<T>(w1);
   const T* w2p = data<T>(w2);
+#if defined(__AVX512BF16__)
+  constexpr bool pairs = std::is_same<T, uint16_t>::value;  // bf16: vdpbf16ps dot products
+#else
+  constexpr bool pairs = false;
+#endif
+  std::vector<float> xf(pairs ? 0 : n * k * p);
+  for (size_t i = 0; i < xf.size(); ++i) xf[i] = Lane<float>::load(xp + i);
   // stage 1: row m = a*q + c of h, written to mid[t, v, u] with m = u*l + v
   at::parallel_for(0, k * q, 32, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       const int64_t a = m / q, u = m / l, v = m % l;
+#if defined(__AVX512BF16__)
+      if constexpr (pairs) {
+        dots_bf16_n(w1p + m * p, xp + a * p, k * p, p, n, mid + v * r + u, l * r);
+        continue;
+      }
+#endif
       dots_n(w1p + m * p, xf.data() + a * p, k * p, p, n, mid + v * r + u, l * r);
     }
   });
+  // bf16: the second factor reads the middle rounded to bf16, as a bf16 GEMM would
+  // (backward keeps the float32 mid)
+  std::vector<uint16_t> mid_b(pairs ? n * l * r : 0);
+  for (size_t i = 0; i < mid_b.size(); ++i) mid_b[i] = round_bf16(mid[i]);
   // stage 2: row (v, e) of w2 gives y[t, e*l + v]; tasks take ranges of e*l + v, so
   // that two threads share at most the cache lines at their ranges' ends (in (v, e)
   // order they took turns on every line of the output: 3x slower, measured)
@@ -266,7 +338,15 @@ void forward_impl(const torch::Tensor& y, const torch::Tensor& x, const torch::T
     for (int64_t i = begin; i < end; ++i) {
       const int64_t e = i / l, v = i % l;
       float* o = out.data() + i;
+#if defined(__AVX512BF16__)
+      if constexpr (pairs) {
+        dots_bf16_n(w2p + (v * s + e) * r, mid_b.data() + v * r, l * r, r, n, o, s * l);
+      } else {
+        dots_n(w2p + (v * s + e) * r, mid + v * r, l * r, r, n, o, s * l);
+      }
+#else
       dots_n(w2p + (v * s + e) * r, mid + v * r, l * r, r, n, o, s * l);
+#endif
       if (bias != nullptr)
         for (int64_t t = 0; t < n; ++t) o[t * s * l] += bias[e * l + v];
     }
@@ -352,6 +432,15 @@ float* float_buffer(const c10::optional<torch::Tensor>& t, int64_t numel, const 
 }
 
 }  // namespace
+
+// Whether the bf16 forward takes pairs of products per instruction (AVX512-BF16).
+bool few_tokens_bf16_dot() {
+#if defined(__AVX512BF16__)
+  return true;
+#else
+  return false;
+#endif
+}
 
 // y (N, s*l) = x M^T (+ bias, float32); mid (N, l*r) float32 receives the permuted
 // middle activation, which backward takes.

@@ -13,6 +13,7 @@ void small_blocks_grad_x_(torch::Tensor gx, torch::Tensor gh, torch::Tensor g, t
 void small_blocks_grad_w_(c10::optional<torch::Tensor> gw1t, c10::optional<torch::Tensor> gw2p,
                           torch::Tensor x, torch::Tensor gh, torch::Tensor g, torch::Tensor h,
                           int64_t k, int64_t l);
+bool few_tokens_bf16_dot();
 void few_tokens_forward_(torch::Tensor y, torch::Tensor mid, torch::Tensor x, torch::Tensor w1,
                          torch::Tensor w2, c10::optional<torch::Tensor> bias);
 void few_tokens_backward_(torch::Tensor g, torch::Tensor x, torch::Tensor w1, torch::Tensor w2,
@@ -48,6 +49,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "bf16 small-block forward with bf16 dot products (small_blocks_dpbf16.cpp)", py::arg("y"),
         py::arg("x"), py::arg("w1p"), py::arg("w2p"), py::arg("bias") = py::none(),
         py::arg("mid") = py::none());
+  m.def("few_tokens_bf16_dot", &few_tokens_bf16_dot,
+        "whether the few-token bf16 forward uses AVX512-BF16 dot products");
   m.def("few_tokens_forward_", &few_tokens_forward_,
         "y = x M^T (+ bias) for up to 16 tokens, mid receives the middle (few_tokens.cpp)",
         py::arg("y"), py::arg("mid"), py::arg("x"), py::arg("w1"), py::arg("w2"),
