@@ -190,3 +190,23 @@ def test_negated_views_and_an_empty_middle():
     y = monarch_multiply(torch.randn(2, 8), torch.randn(2, 0, 4), torch.randn(1, 3, 0),
                          torch.arange(3.0))
     assert torch.equal(y, torch.arange(3.0).expand(2, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiles_without_graph_breaks_for_a_few_tokens(dtype):
+    """Under Dynamo the kernels are never probed (no loading, no pybind calls traced):
+    the few-token multiply compiles as one graph of plain ops."""
+    x, w1, w2, bias, _ = (t.to(dtype) for t in _inputs(SHAPES[0], 6, seed=10))
+    f = torch.compile(lambda xx: monarch_multiply(xx, w1, w2, bias), backend="eager",
+                      fullgraph=True)
+    with torch.no_grad():
+        got = f(x)
+    want = monarch_multiply_reference(x.double(), w1.double(), w2.double()) + bias.double()
+    assert _relative_error(got, want) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+def test_meta_tensors_take_the_plain_ops():
+    x = torch.empty(3, 4 * 48, device="meta")
+    y = monarch_multiply(x, torch.empty(4, 48, 48, device="meta"),
+                         torch.empty(4, 192, 48, device="meta"))
+    assert y.shape == (3, 768) and y.device.type == "meta"

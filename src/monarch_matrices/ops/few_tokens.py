@@ -34,12 +34,14 @@ MAX_BLOCK = 768
 
 
 def applies(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-            bias: torch.Tensor | None = None, training: bool = True) -> bool:
+            bias: torch.Tensor | None = None, training: bool = False) -> bool:
     """Whether :func:`multiply` takes this multiply (and is faster than the GEMM paths):
     1-8 tokens (bf16 inference 1-4 without AVX512-BF16), float32 or bf16, blocks up to
     768 wide, on CPU."""
     if x.dtype not in MAX_TOKENS or not 0 < x.shape[0] <= MAX_TOKENS[x.dtype]:
         return False
+    if not native.plain_cpu_tensor(x):  # before loading the kernels: not under compile
+        return False                     # or on another device
     kernels = native.kernels()
     if (not training and x.dtype == torch.bfloat16 and x.shape[0] > BF16_INFERENCE_WITHOUT_DOT
             and (kernels is None or not kernels.few_tokens_bf16_dot())):

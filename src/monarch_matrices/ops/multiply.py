@@ -57,6 +57,8 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
         if device_type == "cpu":
             return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
         return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+    except RuntimeError:  # a device type autocast does not know, e.g. "meta"
+        return None
 
 
 def chunk_tokens(

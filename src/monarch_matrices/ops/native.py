@@ -80,8 +80,8 @@ def plain_cpu_tensor(t: torch.Tensor) -> bool:
     (``torch.compile``) and lazily negated or conjugated views (whose memory
     holds the other sign) take the PyTorch ops, which know how to handle them.
     """
-    return (type(t) in _PLAIN and t.is_cpu and not t.is_neg() and not t.is_conj()
-            and not torch.compiler.is_compiling())
+    return (not torch.compiler.is_compiling()  # first: Dynamo breaks the graph on is_neg()
+            and type(t) in _PLAIN and t.is_cpu and not t.is_neg() and not t.is_conj())
 
 
 # the exact types (not subclasses) whose memory is what it says: a parameter is one

@@ -48,7 +48,7 @@ def applies(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
     k, q, p = w1.shape
     l, s, r = w2.shape
     dtype = x.dtype
-    if dtype not in MAX_BLOCK:
+    if dtype not in MAX_BLOCK or not native.plain_cpu_tensor(x):  # (before any kernel probe)
         return False
     widest, fewest = MAX_BLOCK[dtype], MIN_TOKENS[dtype]
     if not training and _bf16_dot(x, w1):

@@ -6,7 +6,7 @@
 // 1x192 @ 192x768 product takes 21 us), and a training step makes six of them
 // plus a dozen small tensor ops: a bf16 step of a 768->3072 layer at one token
 // ran no faster than nn.Linear's. Here each pass streams every weight row once,
-// with the tokens' activations (float32, a few KiB) in L1:
+// with the tokens' activations (a few KiB) in L1:
 //
 //   forward:   mid[t, v, u] = h[t, u*l + v],  h[t, a*q + c] = sum_j w1[a, c, j] x[t, a*p + j]
 //              y[t, e*l + v] = sum_u w2[v, e, u] mid[t, v, u] (+ bias)      (dot products)
@@ -16,8 +16,13 @@
 //              gw1[a, c, j]  = sum_t gh[t, a*q + c] x[t, a*p + j]           (one pass over w1)
 //
 // The weights stay in their stored layout (k, q, p) and (l, s, r), float32 or
-// bf16 (widened in registers). Everything is summed in float32 in a fixed order
-// and rounded once, so results do not depend on the thread count.
+// bf16. Everything is summed in float32 in a fixed order and rounded once, so
+// results do not depend on the thread count. The bf16 forward with AVX512-BF16
+// multiplies bf16 pairs (vdpbf16ps) and rounds the middle to bf16 for the second
+// factor, as a bf16 GEMM does; like every use of that instruction (oneDNN's bf16
+// GEMMs too) it treats subnormal inputs and products as zero. Without it, and
+// in backward (which takes the float32 middle), bf16 weights are widened in
+// registers and the activations are float32.
 
 #include <torch/extension.h>
 

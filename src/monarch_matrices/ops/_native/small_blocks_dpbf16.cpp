@@ -15,7 +15,8 @@
 //                  w2 as w2p[e, u/2, v, 2]; vectors along v as in small_blocks.cpp.
 //
 // The middle is rounded to bf16 between the factors, as the chunked path's bf16
-// GEMMs round it; `mid` (or null) receives h in bf16 for backward. Needs p even
+// GEMMs round it, and like them (oneDNN uses the same instruction) subnormal
+// inputs and products count as zero; `mid` (or null) receives h in bf16 for backward. Needs p even
 // and q, l multiples of 16.
 
 #include <torch/extension.h>
