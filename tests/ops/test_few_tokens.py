@@ -6,6 +6,9 @@ import os
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tests.formula import factor_shapes
 
 from monarch_matrices.ops import few_tokens, monarch_multiply, monarch_multiply_reference, native
 
@@ -210,3 +213,31 @@ def test_meta_tensors_take_the_plain_ops():
     y = monarch_multiply(x, torch.empty(4, 48, 48, device="meta"),
                          torch.empty(4, 192, 48, device="meta"))
     assert y.shape == (3, 768) and y.device.type == "meta"
+
+
+@settings(max_examples=30, deadline=None)
+@given(shapes=factor_shapes(max_block=40, max_blocks=5), tokens=st.integers(1, 10),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), bias=st.booleans(),
+       train=st.booleans())
+def test_monarch_multiply_around_the_few_token_limit(shapes, tokens, dtype, bias, train):
+    """Random awkward shapes, 1-10 tokens (both sides of the limit), either dtype, with
+    and without gradients: whichever path takes it, the float64 reference's result."""
+    (k, q, p), (l, s, r) = shapes
+    gen = torch.Generator().manual_seed(tokens)
+    inputs = [torch.randn(tokens, k * p, generator=gen, dtype=F64),
+              torch.randn(k, q, p, generator=gen, dtype=F64) / p**0.5,
+              torch.randn(l, s, r, generator=gen, dtype=F64) / r**0.5,
+              torch.randn(s * l, generator=gen, dtype=F64) if bias else None]
+    got = [None if t is None else t.to(dtype).requires_grad_(train) for t in inputs]
+    ref = [None if t is None else t.to(dtype).double().requires_grad_(train) for t in inputs]
+    y = monarch_multiply(*got)
+    want = monarch_multiply_reference(*ref[:3]) + (0 if ref[3] is None else ref[3])
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert y.dtype == dtype and _relative_error(y, want) < tol
+    if train:
+        grad = torch.randn(want.shape, generator=gen, dtype=F64)
+        y.backward(grad.to(dtype))
+        want.backward(grad.to(dtype).double())
+        for g, r_ in zip(got, ref):
+            if g is not None:
+                assert _relative_error(g.grad, r_.grad) < tol
