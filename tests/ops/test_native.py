@@ -345,7 +345,10 @@ def test_cli_native_status(capsys):
     from monarch_matrices.cli import main
 
     assert main(["native", "status"]) == 0
-    assert capsys.readouterr().out.startswith("native kernels: ")
+    out = capsys.readouterr().out
+    assert out.startswith("native kernels: ")
+    if native.available():  # and says whether the bf16 kernels have dot products
+        assert "bf16 dot products (AVX512-BF16): " in out
 
 
 @needs_kernels

@@ -160,8 +160,14 @@ def available() -> bool:
 
 
 def status() -> str:
-    """One line saying whether the kernels are in use, and if not why."""
-    return _load()[1]
+    """One line saying whether the kernels are in use, and if not why; when they
+    are, whether they were built with the CPU's bf16 dot products (AVX512-BF16),
+    which the bf16 few-token and small-block kernels use."""
+    module, message = _load()
+    if module is None:
+        return message
+    dot = module.small_blocks_bf16_dot() and module.few_tokens_bf16_dot()
+    return f"{message}; bf16 dot products (AVX512-BF16): {'yes' if dot else 'no'}"
 
 
 def build(verbose: bool = False) -> Path:
