@@ -51,7 +51,7 @@ def applies(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
             and w1.dtype == w2.dtype == x.dtype
             and (bias is None or bias.dtype == x.dtype)
             and all(native.plain_cpu_tensor(t)
-                    for t in (x, w1, w2, *(() if bias is None else (bias,)))))
+                    for t in (w1, w2, *(() if bias is None else (bias,)))))
 
 
 def _forward(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,

@@ -40,7 +40,7 @@ SOURCE_DIR = Path(__file__).with_name("_native")
 SOURCE_NAMES = (
     "permute.cpp", "small_blocks.cpp", "small_blocks_dpbf16.cpp", "few_tokens.cpp", "module.cpp"
 )
-HEADER_NAMES = ("group_transpose.h", "partials.h")
+HEADER_NAMES = ("group_transpose.h", "partials.h", "vec16.h")
 
 
 def sources() -> list[Path]:

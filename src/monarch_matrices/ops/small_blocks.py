@@ -75,8 +75,7 @@ def forward(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: torch.Ten
     assert kernels is not None
     l, s, _ = w2.shape
     y = x.new_empty(x.shape[0], s * l)
-    if x.dtype == torch.bfloat16 and w1.shape[2] % 2 == 0 \
-            and kernels.small_blocks_bf16_dot():  # pairs of bf16 products (AVX512-BF16)
+    if _bf16_dot(x, w1):  # pairs of bf16 products (AVX512-BF16)
         w1p, w2p = _pack_pairs(w1.detach(), w2.detach())
         b = None if bias is None else bias.detach().float().contiguous()
         kernels.small_blocks_forward_dpbf16_(y, x, w1p, w2p, b, mid)

@@ -28,6 +28,8 @@
 
 #include <ATen/Parallel.h>
 
+#include "vec16.h"
+
 #include <algorithm>
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
@@ -39,29 +41,9 @@
 
 namespace {
 
-constexpr int kLanes = 16;
+using namespace vec16;
 constexpr int kGroup = 8;  // tokens whose accumulators stay in registers
 constexpr int64_t kMaxTokens = 16;
-typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
-typedef float vf_u __attribute__((vector_size(kLanes * sizeof(float)), aligned(4)));
-typedef uint16_t vh_u __attribute__((vector_size(kLanes * sizeof(uint16_t)), aligned(2)));
-typedef uint32_t vu __attribute__((vector_size(kLanes * sizeof(uint32_t))));
-typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t))));
-typedef uint16_t vh __attribute__((vector_size(kLanes * sizeof(uint16_t))));
-
-inline float widen(uint16_t b) {  // bf16 bits to float
-  uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-inline uint16_t round_bf16(float f) {  // to nearest even, NaN -> 0x7FC0, as c10::BFloat16
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  if (f != f) return 0x7FC0;
-  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
 
 // Loads and stores of one lane (V = float) or sixteen (V = vf), from float32 or bf16.
 template <typename V>
@@ -71,33 +53,20 @@ template <>
 struct Lane<float> {
   static constexpr int width = 1;
   static float load(const float* p) { return *p; }
-  static float load(const uint16_t* p) { return widen(*p); }
+  static float load(const uint16_t* p) { return to_float(*p); }
   static void store(float* p, float v) { *p = v; }
-  static void store(uint16_t* p, float v) { *p = round_bf16(v); }
+  static void store(uint16_t* p, float v) { *p = to_bf16(v); }
   static float splat(float s) { return s; }
 };
 
 template <>
 struct Lane<vf> {
   static constexpr int width = kLanes;
-  static vf load(const float* p) { return *reinterpret_cast<const vf_u*>(p); }
-  static vf load(const uint16_t* p) {
-    const vh bits = *reinterpret_cast<const vh_u*>(p);
-    const vu wide = __builtin_convertvector(bits, vu) << 16;
-    vf f;
-    std::memcpy(&f, &wide, sizeof f);
-    return f;
-  }
-  static void store(float* p, vf v) { *reinterpret_cast<vf_u*>(p) = v; }
-  static void store(uint16_t* p, vf v) {
-    vu u;
-    std::memcpy(&u, &v, sizeof u);
-    vu rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    const vi nan = v != v;
-    rounded = (rounded & ~vu(nan)) | (vu(nan) & 0x7FC0u);
-    *reinterpret_cast<vh_u*>(p) = __builtin_convertvector(rounded, vh);
-  }
-  static vf splat(float s) { return -vf{} + s; }  // one vbroadcastss (see small_blocks.cpp)
+  static vf load(const float* p) { return vec16::load(p); }
+  static vf load(const uint16_t* p) { return vec16::load(p); }
+  static void store(float* p, vf v) { vec16::store(p, v); }
+  static void store(uint16_t* p, vf v) { vec16::store(p, v); }
+  static vf splat(float s) { return vec16::splat(s); }
 };
 
 // Calls f(std::integral_constant<int, n>) for a runtime 1 <= n <= N: the token
@@ -205,7 +174,7 @@ inline void dots_bf16(const uint16_t* w, const uint16_t* in, int64_t ld, int64_t
     vf t;
     std::memcpy(&t, &total, sizeof t);
     float sum = lane_sum(t);
-    for (int64_t jj = j; jj < width; ++jj) sum += widen(w[jj]) * widen(in[i * ld + jj]);
+    for (int64_t jj = j; jj < width; ++jj) sum += to_float(w[jj]) * to_float(in[i * ld + jj]);
     out[i] = sum;
   }
 }
@@ -221,6 +190,11 @@ inline void dots_bf16_n(const uint16_t* w, const uint16_t* in, int64_t ld, int64
     for (int64_t i = 0; i < nt; ++i) out[(t0 + i) * ldo] = r[i];
   }
 }
+constexpr bool kBf16Dot = true;
+#else
+constexpr bool kBf16Dot = false;
+inline void dots_bf16_n(const uint16_t*, const uint16_t*, int64_t, int64_t, int64_t, float*,
+                        int64_t) {}  // never called: kBf16Dot is false
 #endif
 
 // gin[t, j..] += sum_c coef[c, t] * w[c, j..] for NT tokens and one lane group V of
@@ -311,30 +285,23 @@ void forward_impl(const torch::Tensor& y, const torch::Tensor& x, const torch::T
   const T* xp = data<T>(x);
   const T* w1p = data<T>(w1);
   const T* w2p = data<T>(w2);
-#if defined(__AVX512BF16__)
-  constexpr bool pairs = std::is_same<T, uint16_t>::value;  // bf16: vdpbf16ps dot products
-#else
-  constexpr bool pairs = false;
-#endif
+  constexpr bool pairs = kBf16Dot && std::is_same<T, uint16_t>::value;  // bf16: vdpbf16ps
   std::vector<float> xf(pairs ? 0 : n * k * p);
   for (size_t i = 0; i < xf.size(); ++i) xf[i] = Lane<float>::load(xp + i);
   // stage 1: row m = a*q + c of h, written to mid[t, v, u] with m = u*l + v
   at::parallel_for(0, k * q, 32, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       const int64_t a = m / q, u = m / l, v = m % l;
-#if defined(__AVX512BF16__)
-      if constexpr (pairs) {
+      if constexpr (pairs)
         dots_bf16_n(w1p + m * p, xp + a * p, k * p, p, n, mid + v * r + u, l * r);
-        continue;
-      }
-#endif
-      dots_n(w1p + m * p, xf.data() + a * p, k * p, p, n, mid + v * r + u, l * r);
+      else
+        dots_n(w1p + m * p, xf.data() + a * p, k * p, p, n, mid + v * r + u, l * r);
     }
   });
   // bf16: the second factor reads the middle rounded to bf16, as a bf16 GEMM would
   // (backward keeps the float32 mid)
   std::vector<uint16_t> mid_b(pairs ? n * l * r : 0);
-  for (size_t i = 0; i < mid_b.size(); ++i) mid_b[i] = round_bf16(mid[i]);
+  for (size_t i = 0; i < mid_b.size(); ++i) mid_b[i] = to_bf16(mid[i]);
   // stage 2: row (v, e) of w2 gives y[t, e*l + v]; tasks take ranges of e*l + v, so
   // that two threads share at most the cache lines at their ranges' ends (in (v, e)
   // order they took turns on every line of the output: 3x slower, measured)
@@ -343,15 +310,10 @@ void forward_impl(const torch::Tensor& y, const torch::Tensor& x, const torch::T
     for (int64_t i = begin; i < end; ++i) {
       const int64_t e = i / l, v = i % l;
       float* o = out.data() + i;
-#if defined(__AVX512BF16__)
-      if constexpr (pairs) {
+      if constexpr (pairs)
         dots_bf16_n(w2p + (v * s + e) * r, mid_b.data() + v * r, l * r, r, n, o, s * l);
-      } else {
+      else
         dots_n(w2p + (v * s + e) * r, mid + v * r, l * r, r, n, o, s * l);
-      }
-#else
-      dots_n(w2p + (v * s + e) * r, mid + v * r, l * r, r, n, o, s * l);
-#endif
       if (bias != nullptr)
         for (int64_t t = 0; t < n; ++t) o[t * s * l] += bias[e * l + v];
     }
@@ -439,13 +401,7 @@ float* float_buffer(const c10::optional<torch::Tensor>& t, int64_t numel, const 
 }  // namespace
 
 // Whether the bf16 forward takes pairs of products per instruction (AVX512-BF16).
-bool few_tokens_bf16_dot() {
-#if defined(__AVX512BF16__)
-  return true;
-#else
-  return false;
-#endif
-}
+bool few_tokens_bf16_dot() { return kBf16Dot; }
 
 // y (N, s*l) = x M^T (+ bias, float32); mid (N, l*r) float32 receives the permuted
 // middle activation, which backward takes.

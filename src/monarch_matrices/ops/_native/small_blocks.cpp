@@ -29,6 +29,7 @@
 #include <ATen/Parallel.h>
 
 #include "partials.h"
+#include "vec16.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -38,40 +39,8 @@
 
 namespace {
 
-constexpr int kLanes = 16;     // floats per vector
-constexpr int kTile = 8;       // tokens per register block
-typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
-typedef float vf_unaligned __attribute__((vector_size(kLanes * sizeof(float)), aligned(4)));
-
-inline vf load(const float* p) { return *reinterpret_cast<const vf_unaligned*>(p); }
-inline void store(float* p, vf v) { *reinterpret_cast<vf_unaligned*>(p) = v; }
-// A broadcast. x + (-0.0) is x for every x, so the compiler drops the add and
-// emits one vbroadcastss from memory (vf{} + x kept a scalar add: 0.0 + -0.0 is +0.0).
-inline vf splat(float x) { return -vf{} + x; }
-
-inline float to_float(float x) { return x; }
-inline float to_float(uint16_t b) {  // bf16 bits
-  uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-inline void store_out(float* d, vf v) { store(d, v); }
-typedef uint32_t vu __attribute__((vector_size(kLanes * sizeof(uint32_t))));
-typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t))));
-typedef uint16_t vh __attribute__((vector_size(kLanes * sizeof(uint16_t))));
-typedef uint16_t vh_unaligned __attribute__((vector_size(kLanes * sizeof(uint16_t)), aligned(2)));
-
-inline void store_out(uint16_t* d, vf v) {  // round to nearest even, as c10::BFloat16
-  vu u;
-  std::memcpy(&u, &v, sizeof u);
-  vu rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  const vi nan = v != v;  // all ones where NaN
-  rounded = (rounded & ~vu(nan)) | (vu(nan) & 0x7FC0u);
-  *reinterpret_cast<vh_unaligned*>(d) = __builtin_convertvector(rounded, vh);
-}
-
+using namespace vec16;
+constexpr int kTile = 8;  // tokens per register block
 
 // Rows of a tile buffer are this many floats longer than their data: rows 4 KiB
 // apart (1024 floats) would all map onto the same L1 sets.
@@ -102,7 +71,7 @@ void store_rows(const float* src, int64_t lds, int64_t rows, int64_t width, T* d
     if constexpr (std::is_same<T, float>::value) {
       std::memcpy(dst + t * ld, src + t * lds, width * sizeof(float));
     } else {
-      for (int64_t i = 0; i < width; i += kLanes) store_out(dst + t * ld + i, load(src + t * lds + i));
+      for (int64_t i = 0; i < width; i += kLanes) store(dst + t * ld + i, load(src + t * lds + i));
     }
   }
 }
@@ -201,8 +170,8 @@ struct StridedStage {
         const vf bias1 = bias && pair ? load(bias + (e + 1) * L + v0) : vf{};
 #pragma GCC unroll 8
         for (int t = 0; t < NT; ++t) {
-          store_out(out + t * ldo + e * L + v0, acc[t][0] + bias0);
-          if (pair) store_out(out + t * ldo + (e + 1) * L + v0, acc[t][1] + bias1);
+          store(out + t * ldo + e * L + v0, acc[t][0] + bias0);
+          if (pair) store(out + t * ldo + (e + 1) * L + v0, acc[t][1] + bias1);
         }
       }
     }

@@ -1,0 +1,56 @@
+// Vectors of 16 floats (GCC vector extensions) and the bf16 conversions the
+// one-pass kernels share (small_blocks.cpp, few_tokens.cpp): unaligned loads
+// and stores, a broadcast, and bf16 widening and rounding with c10::BFloat16's
+// bits (round to nearest even, NaN -> 0x7FC0).
+
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace vec16 {
+
+constexpr int kLanes = 16;  // floats per vector
+typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
+typedef float vf_unaligned __attribute__((vector_size(kLanes * sizeof(float)), aligned(4)));
+typedef uint32_t vu __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t))));
+typedef uint16_t vh __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+typedef uint16_t vh_unaligned __attribute__((vector_size(kLanes * sizeof(uint16_t)), aligned(2)));
+
+inline vf load(const float* p) { return *reinterpret_cast<const vf_unaligned*>(p); }
+inline vf load(const uint16_t* p) {  // 16 bf16, widened
+  const vh bits = *reinterpret_cast<const vh_unaligned*>(p);
+  const vu wide = __builtin_convertvector(bits, vu) << 16;
+  vf f;
+  std::memcpy(&f, &wide, sizeof f);
+  return f;
+}
+inline void store(float* p, vf v) { *reinterpret_cast<vf_unaligned*>(p) = v; }
+inline void store(uint16_t* p, vf v) {  // rounded to bf16
+  vu u;
+  std::memcpy(&u, &v, sizeof u);
+  vu rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const vi nan = v != v;  // all ones where NaN
+  rounded = (rounded & ~vu(nan)) | (vu(nan) & 0x7FC0u);
+  *reinterpret_cast<vh_unaligned*>(p) = __builtin_convertvector(rounded, vh);
+}
+// A broadcast. x + (-0.0) is x for every x, so the compiler drops the add and
+// emits one vbroadcastss from memory (vf{} + x kept a scalar add: 0.0 + -0.0 is +0.0).
+inline vf splat(float x) { return -vf{} + x; }
+
+inline float to_float(float x) { return x; }
+inline float to_float(uint16_t b) {  // bf16 bits
+  uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if (f != f) return 0x7FC0;
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+}  // namespace vec16
