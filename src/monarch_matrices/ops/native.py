@@ -38,7 +38,8 @@ __all__ = [
 SOURCE_DIR = Path(__file__).with_name("_native")
 # module.cpp: the bindings
 SOURCE_NAMES = (
-    "permute.cpp", "small_blocks.cpp", "small_blocks_dpbf16.cpp", "few_tokens.cpp", "module.cpp"
+    "permute.cpp", "small_blocks.cpp", "small_blocks_dpbf16.cpp", "few_tokens.cpp",
+    "weight_grad_dpbf16.cpp", "module.cpp",
 )
 HEADER_NAMES = ("group_transpose.h", "partials.h", "vec16.h")
 
@@ -162,11 +163,12 @@ def available() -> bool:
 def status() -> str:
     """One line saying whether the kernels are in use, and if not why; when they
     are, whether they were built with the CPU's bf16 dot products (AVX512-BF16),
-    which the bf16 few-token and small-block kernels use."""
+    which the bf16 few-token, small-block and weight-gradient kernels use."""
     module, message = _load()
     if module is None:
         return message
-    dot = module.small_blocks_bf16_dot() and module.few_tokens_bf16_dot()
+    dot = (module.small_blocks_bf16_dot() and module.few_tokens_bf16_dot()
+           and module.weight_grad_bf16_dot())
     return f"{message}; bf16 dot products (AVX512-BF16): {'yes' if dot else 'no'}"
 
 

@@ -24,9 +24,11 @@ bool small_blocks_bf16_dot();
 void small_blocks_forward_dpbf16_(torch::Tensor y, torch::Tensor x, torch::Tensor w1p,
                                   torch::Tensor w2p, c10::optional<torch::Tensor> bias,
                                   c10::optional<torch::Tensor> mid);
+bool weight_grad_bf16_dot();
+void weight_grad_dpbf16_(torch::Tensor c, torch::Tensor a, torch::Tensor bm, bool accumulate);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Monarch multiply CPU kernels: the stride permutations, small-block and few-token multiplies";
+  m.doc() = "Monarch multiply CPU kernels: the stride permutations, small-block and few-token multiplies, bf16 weight gradients";
   m.def("interleave_", &interleave_, "dst[i,j,e,v] = src[i,j,v,e] (+ bias[e*l+v])",
         py::arg("dst"), py::arg("src"), py::arg("bias") = py::none());
   m.def("deinterleave_", &deinterleave_,
@@ -49,6 +51,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "bf16 small-block forward with bf16 dot products (small_blocks_dpbf16.cpp)", py::arg("y"),
         py::arg("x"), py::arg("w1p"), py::arg("w2p"), py::arg("bias") = py::none(),
         py::arg("mid") = py::none());
+  m.def("weight_grad_bf16_dot", &weight_grad_bf16_dot,
+        "whether weight_grad_dpbf16_ was built (AVX512-BF16)");
+  m.def("weight_grad_dpbf16_", &weight_grad_dpbf16_,
+        "c[b] (= or +=) a[b]^T bm[b], bf16 in, float32 sums (weight_grad_dpbf16.cpp)",
+        py::arg("c"), py::arg("a"), py::arg("bm"), py::arg("accumulate"));
   m.def("few_tokens_bf16_dot", &few_tokens_bf16_dot,
         "whether the few-token bf16 forward uses AVX512-BF16 dot products");
   m.def("few_tokens_forward_", &few_tokens_forward_,

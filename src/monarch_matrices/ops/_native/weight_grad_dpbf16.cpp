@@ -1,0 +1,212 @@
+// bf16 weight gradients with bf16 dot products, summed in float32:
+//
+//   c[b] (= or +=) a[b]^T bm[b],   a (B, T, M), bm (B, T, N) bf16, c (B, M, N) float32,
+//
+// the tokens T being the sum. A Monarch layer's two factor gradients are this
+// (grad w2[v] = gz[v]^T mid[v], grad w1[a] = gh[a]^T x[a]); oneDNN ran those
+// shapes at 400-600 GFLOP/s on the AMD EPYC VM against 700-800 for a dense
+// GEMM, reading the token-major operands transposed, and each chunk's product
+// then took a pass to add it to the float32 sum (item 8 of docs/speed.md).
+//
+// vdpbf16ps multiplies pairs along the sum, so both operands are packed with
+// pairs of consecutive tokens side by side, KC tokens at a time, while they are
+// in cache: a row-interleave of two rows, P[t/2][col][2] (a ragged last token
+// pairs with zeros). a stays in that layout (each step of the micro-kernel
+// broadcasts MR of its pairs); bm goes into 32-column strips, so a strip's pairs
+// are one contiguous run the micro-kernel streams from L1. Each MR x 32 tile of
+// c lives in registers over the KC tokens and is read and written once per KC
+// (the next tile's c is prefetched meanwhile). Work splits over blocks (and
+// column strips when there are fewer blocks than twice the threads); every
+// element of c has one owner and one order of summation, so the bits do not
+// depend on the thread count. As in oneDNN (the same instruction), subnormal
+// inputs and products count as zero.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+
+namespace {
+
+constexpr int kMR = 12;      // rows of c per micro-tile (24 accumulators)
+constexpr int kNR = 32;      // columns of c per micro-tile (two vectors)
+constexpr int64_t kKC = 384;  // tokens packed at a time (a's pairs fill L2 at M = 1024)
+// Packed rows of a are its columns rounded up to 32, plus 32: pair-rows 4 KiB
+// apart (M = 1024) would all fall into one L1 set.
+constexpr int64_t kPad = 32;
+
+inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh>(v); }
+
+// The lanes of two rows' 32 columns, interleaved: r0[0], r1[0], r0[1], r1[1], ...
+alignas(64) constexpr uint16_t kLow[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,
+                                           37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
+                                           11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+alignas(64) constexpr uint16_t kHigh[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21,
+                                            53, 22, 54, 23, 55, 24, 56, 25, 57, 26, 58,
+                                            27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+
+// Columns c0..c0+31 of rows r0 and r1 (r1 null: zeros; columns past ncols: zeros) as
+// pairs: lo holds columns c0..c0+15, hi c0+16..c0+31.
+inline void pair_rows(const uint16_t* r0, const uint16_t* r1, int64_t c0, int64_t ncols,
+                      __m512i& lo, __m512i& hi) {
+  const int64_t left = ncols - c0;
+  const __mmask32 mask = left >= 32 ? ~__mmask32(0) : (__mmask32(1) << left) - 1;
+  const __m512i a = _mm512_maskz_loadu_epi16(mask, r0 + c0);
+  const __m512i b = r1 != nullptr ? _mm512_maskz_loadu_epi16(mask, r1 + c0) : _mm512_setzero_si512();
+  lo = _mm512_permutex2var_epi16(a, _mm512_load_si512(kLow), b);
+  hi = _mm512_permutex2var_epi16(a, _mm512_load_si512(kHigh), b);
+}
+
+// p[tp][c][2] = (src[2tp][c], src[2tp+1][c]) for tokens 0..nt of src (rows lds apart),
+// columns padded to a multiple of 32 with zeros; pair-rows ldp elements apart.
+void pack_rows(const uint16_t* src, int64_t lds, int64_t ncols, int64_t nt, uint16_t* p,
+               int64_t ldp) {
+  for (int64_t tp = 0; tp < (nt + 1) / 2; ++tp) {
+    const uint16_t* r0 = src + 2 * tp * lds;
+    const uint16_t* r1 = 2 * tp + 1 < nt ? r0 + lds : nullptr;
+    for (int64_t c0 = 0; c0 < ncols; c0 += 32) {
+      __m512i lo, hi;
+      pair_rows(r0, r1, c0, ncols, lo, hi);
+      _mm512_storeu_si512(p + tp * ldp + 2 * c0, lo);
+      _mm512_storeu_si512(p + tp * ldp + 2 * c0 + 32, hi);
+    }
+  }
+}
+
+// p[js][tp][32][2]: the same pairs cut into strips of 32 columns, each strip contiguous.
+void pack_strips(const uint16_t* src, int64_t lds, int64_t ncols, int64_t nt, uint16_t* p) {
+  const int64_t pairs = (nt + 1) / 2, strips = (ncols + kNR - 1) / kNR;
+  for (int64_t tp = 0; tp < pairs; ++tp) {
+    const uint16_t* r0 = src + 2 * tp * lds;
+    const uint16_t* r1 = 2 * tp + 1 < nt ? r0 + lds : nullptr;
+    for (int64_t js = 0; js < strips; ++js) {
+      __m512i lo, hi;
+      pair_rows(r0, r1, js * kNR, ncols, lo, hi);
+      uint16_t* dst = p + (js * pairs + tp) * 2 * kNR;
+      _mm512_store_si512(dst, lo);
+      _mm512_store_si512(dst + 32, hi);
+    }
+  }
+}
+
+// c[0..rows, 0..32] (masked columns) = (load ? c : 0) + sum over the pairs of
+// ap[tp][r][2] . bp[tp][col][2].
+inline void micro_tile(const uint16_t* ap, int64_t ldap, const uint16_t* bp, int64_t pairs,
+                       float* c, int64_t ldc, int rows, __mmask16 m0, __mmask16 m1, bool load) {
+  __m512 acc[kMR][2];
+  for (int r = 0; r < kMR; ++r) {
+    const bool keep = load && r < rows;
+    acc[r][0] = keep ? _mm512_maskz_loadu_ps(m0, c + r * ldc) : _mm512_setzero_ps();
+    acc[r][1] = keep ? _mm512_maskz_loadu_ps(m1, c + r * ldc + 16) : _mm512_setzero_ps();
+  }
+  for (int r = 0; r < kMR; ++r) {  // the caller's next tile is the next kMR rows
+    _mm_prefetch(reinterpret_cast<const char*>(c + (kMR + r) * ldc), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(c + (kMR + r) * ldc + 16), _MM_HINT_T0);
+  }
+  for (int64_t tp = 0; tp < pairs; ++tp) {
+    const __m512bh b0 = as_bh(_mm512_load_si512(bp + tp * 2 * kNR));
+    const __m512bh b1 = as_bh(_mm512_load_si512(bp + tp * 2 * kNR + 32));
+#pragma GCC unroll 12
+    for (int r = 0; r < kMR; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, ap + tp * ldap + 2 * r, sizeof pair);
+      const __m512bh av = as_bh(_mm512_set1_epi32(pair));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], av, b0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], av, b1);
+    }
+  }
+  for (int r = 0; r < rows; ++r) {
+    _mm512_mask_storeu_ps(c + r * ldc, m0, acc[r][0]);
+    _mm512_mask_storeu_ps(c + r * ldc + 16, m1, acc[r][1]);
+  }
+}
+
+inline __mmask16 lane_mask(int64_t left) {
+  return left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
+}
+
+}  // namespace
+
+bool weight_grad_bf16_dot() { return true; }
+
+void weight_grad_dpbf16_(torch::Tensor c, torch::Tensor a, torch::Tensor bm, bool accumulate) {
+  auto bf16_cpu = [](const torch::Tensor& t) {
+    return t.device().is_cpu() && t.scalar_type() == at::kBFloat16 && t.dim() == 3 &&
+           t.stride(2) == 1;
+  };
+  TORCH_CHECK(bf16_cpu(a) && bf16_cpu(bm),
+              "weight_grad_dpbf16_: a and bm must be 3-D bf16 CPU tensors with unit last stride");
+  TORCH_CHECK(c.device().is_cpu() && c.scalar_type() == at::kFloat && c.dim() == 3 &&
+                  c.stride(2) == 1,
+              "weight_grad_dpbf16_: c must be a 3-D float32 CPU tensor with unit last stride");
+  const int64_t nb = a.size(0), T = a.size(1), M = a.size(2), N = bm.size(2);
+  TORCH_CHECK(bm.size(0) == nb && bm.size(1) == T && c.size(0) == nb && c.size(1) == M &&
+                  c.size(2) == N,
+              "weight_grad_dpbf16_: shapes ", a.sizes(), ", ", bm.sizes(), " -> ", c.sizes(),
+              " do not fit c = a^T bm per block");
+  if (nb == 0 || M == 0 || N == 0) return;
+  if (T == 0) {
+    if (!accumulate) c.zero_();
+    return;
+  }
+  const int64_t strips = (N + kNR - 1) / kNR, tiles = (M + kMR - 1) / kMR;
+  // work items: blocks, each cut into column-strip groups when there are few blocks
+  const int64_t want = 2 * at::get_num_threads();
+  const int64_t cuts = nb >= want ? 1 : std::min(strips, (want + nb - 1) / nb);
+  const int64_t per_item = (strips + cuts - 1) / cuts;
+  const int64_t groups = (strips + per_item - 1) / per_item;
+  const int64_t lda = (M + 31) / 32 * 32 + kPad;  // packed a: elements per pair of tokens / 2
+  const auto* A = reinterpret_cast<const uint16_t*>(a.data_ptr());
+  const auto* B = reinterpret_cast<const uint16_t*>(bm.data_ptr());
+  float* C = c.data_ptr<float>();
+  at::parallel_for(0, nb * groups, 1, [&](int64_t begin, int64_t end) {
+    const int64_t max_pairs = (kKC + 1) / 2;
+    // zero-filled: the last tile of a may read packed columns past M (its products are
+    // not stored)
+    std::vector<uint16_t> a_pack(max_pairs * lda * 2);
+    std::vector<uint16_t> b_store(max_pairs * per_item * 2 * kNR + 32);
+    auto* b_pack = reinterpret_cast<uint16_t*>(
+        (reinterpret_cast<uintptr_t>(b_store.data()) + 63) & ~uintptr_t(63));
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t blk = item / groups;
+      const int64_t js0 = item % groups * per_item, js1 = std::min(strips, js0 + per_item);
+      const uint16_t* ab = A + blk * a.stride(0);
+      const uint16_t* bb = B + blk * bm.stride(0);
+      float* cb = C + blk * c.stride(0);
+      for (int64_t t0 = 0; t0 < T; t0 += kKC) {
+        const int64_t nt = std::min(kKC, T - t0), pairs = (nt + 1) / 2;
+        pack_rows(ab + t0 * a.stride(1), a.stride(1), M, nt, a_pack.data(), 2 * lda);
+        pack_strips(bb + t0 * bm.stride(1) + js0 * kNR, bm.stride(1),
+                    std::min(N, js1 * kNR) - js0 * kNR, nt, b_pack);
+        const bool load = accumulate || t0 > 0;
+        for (int64_t js = js0; js < js1; ++js) {
+          const int64_t left = N - js * kNR;
+          const __mmask16 m0 = lane_mask(left), m1 = lane_mask(left - 16);
+          const uint16_t* bs = b_pack + (js - js0) * pairs * 2 * kNR;
+          for (int64_t it = 0; it < tiles; ++it) {
+            const int rows = static_cast<int>(std::min<int64_t>(kMR, M - it * kMR));
+            micro_tile(a_pack.data() + 2 * it * kMR, 2 * lda, bs, pairs,
+                       cb + it * kMR * c.stride(1) + js * kNR, c.stride(1), rows, m0, m1, load);
+          }
+        }
+      }
+    }
+  });
+}
+
+#else  // no AVX512-BF16: callers check weight_grad_bf16_dot() first
+
+bool weight_grad_bf16_dot() { return false; }
+
+void weight_grad_dpbf16_(torch::Tensor, torch::Tensor, torch::Tensor, bool) {
+  TORCH_CHECK(false, "weight_grad_dpbf16_: built without AVX512-BF16");
+}
+
+#endif
