@@ -7,7 +7,13 @@ import os
 import pytest
 import torch
 
-from monarch_matrices.ops import monarch_multiply, monarch_multiply_reference, native, small_blocks
+from monarch_matrices.ops import (
+    monarch_multiply,
+    monarch_multiply_reference,
+    native,
+    small_blocks,
+    weight_grad,
+)
 
 F64 = torch.float64
 needs_kernels = pytest.mark.skipif(os.environ.get(native.ENV_SWITCH, "1") == "0",
@@ -320,3 +326,31 @@ def test_bf16_dot_kernel_refuses_what_it_cannot_do():
         kernels.small_blocks_forward_dpbf16_(y, x, w1p, w2p, torch.zeros(31))
     with pytest.raises(RuntimeError, match="mid must be"):
         kernels.small_blocks_forward_dpbf16_(y, x, w1p, w2p, None, torch.empty(3, 31).bfloat16())
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("needs", [(1, 1, 1, 1), (0, 1, 0, 0), (0, 0, 1, 1), (1, 0, 0, 1)])
+def test_bf16_training_weight_gradients_from_the_dot_product_kernel(monkeypatch, needs):
+    """bf16 backward takes both factor gradients from weight_grad.py (w2's chunk by chunk,
+    with the bias gradient summed in the same permutation pass; uneven last chunk), and
+    matches the float64 reference."""
+    monkeypatch.setattr(small_blocks, "GRAD_W2_CHUNK", 50)
+    calls = []
+    real_add = weight_grad.add_
+    monkeypatch.setattr(weight_grad, "add_",
+                        lambda acc, a, b, first: calls.append(first) or real_add(acc, a, b, first))
+    shape = (32, 32, 32, 32, 32, 32)
+    w1, w2, bias = _factors(*shape, seed=5)
+    x = torch.randn(217, 1024, dtype=F64)
+    g = torch.randn(217, 1024, dtype=F64)
+    leaves = [t.clone().requires_grad_(bool(n)) for t, n in zip((x, w1, w2, bias), needs)]
+    want_y = monarch_multiply_reference(*leaves[:3]) + leaves[3]
+    want = torch.autograd.grad(want_y, [t for t in leaves if t.requires_grad], g)
+    low = [t.detach().bfloat16().requires_grad_(t.requires_grad) for t in leaves]
+    assert small_blocks.applies_to_training(low[0], low[1], low[2])
+    got = torch.autograd.grad(monarch_multiply(*low[:3], low[3]),
+                              [t for t in low if t.requires_grad], g.bfloat16())
+    for a, b in zip(got, want):
+        assert a.dtype == torch.bfloat16 and _relative_error(a, b) < 1e-2
+    # w1: one call over all tokens; w2: one per 50-token chunk (5)
+    assert len(calls) == needs[1] + 5 * needs[2]
