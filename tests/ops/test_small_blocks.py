@@ -331,7 +331,8 @@ def test_bf16_dot_kernel_refuses_what_it_cannot_do():
 @needs_bf16_dot
 @pytest.mark.parametrize("needs", [(1, 1, 1, 1), (0, 1, 0, 0), (0, 0, 1, 1), (1, 0, 0, 1)])
 def test_bf16_training_weight_gradients_from_the_dot_product_kernel(monkeypatch, needs):
-    """bf16 backward takes both factor gradients from weight_grad.py (w2's chunk by chunk,
+    """bf16 backward takes grad h and grad x from the dot-product stages and both factor
+    gradients from weight_grad.py (w2's chunk by chunk,
     with the bias gradient summed in the same permutation pass; uneven last chunk), and
     matches the float64 reference."""
     monkeypatch.setattr(small_blocks, "GRAD_W2_CHUNK", 50)
@@ -339,6 +340,10 @@ def test_bf16_training_weight_gradients_from_the_dot_product_kernel(monkeypatch,
     real_add = weight_grad.add_
     monkeypatch.setattr(weight_grad, "add_",
                         lambda acc, a, b, first: calls.append(first) or real_add(acc, a, b, first))
+    kernels, grad_x_calls = native.kernels(), []
+    real_grad_x = kernels.small_blocks_grad_x_dpbf16_
+    monkeypatch.setattr(kernels, "small_blocks_grad_x_dpbf16_",
+                        lambda *a: grad_x_calls.append(1) or real_grad_x(*a))
     shape = (32, 32, 32, 32, 32, 32)
     w1, w2, bias = _factors(*shape, seed=5)
     x = torch.randn(217, 1024, dtype=F64)
@@ -354,3 +359,44 @@ def test_bf16_training_weight_gradients_from_the_dot_product_kernel(monkeypatch,
         assert a.dtype == torch.bfloat16 and _relative_error(a, b) < 1e-2
     # w1: one call over all tokens; w2: one per 50-token chunk (5)
     assert len(calls) == needs[1] + 5 * needs[2]
+    assert len(grad_x_calls) == int(needs[0] or needs[1])  # grad h for grad x and w1
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("shape", [(32, 32, 32, 32, 32, 32), (4, 16, 16, 16, 5, 4),
+                                   (2, 48, 32, 32, 3, 3), (1, 16, 16, 16, 1, 1)])
+@pytest.mark.parametrize("tokens", [1, 13, 67])
+def test_bf16_dot_backward_kernel_matches_float64(shape, tokens):
+    """grad h and grad x by the bf16 dot-product stages (odd s pairs with zero; ragged
+    tiles), against float64 from the same bf16 values with grad h rounded between."""
+    k, q, p, l, s, r = shape
+    w1, w2, _ = (t.bfloat16() for t in _factors(*shape, seed=7))
+    g = torch.randn(tokens, s * l).bfloat16()
+    gx = torch.empty(tokens, k * p, dtype=torch.bfloat16)
+    gh = torch.empty(tokens, k * q, dtype=torch.bfloat16)
+    native.kernels().small_blocks_grad_x_dpbf16_(gx, gh, g, *small_blocks._pack_grad_pairs(w1, w2))
+    # gh[t, u*l + v] = sum_e g[t, e*l + v] w2[v, e, u]
+    # gx[t, a*p + j] = sum_c gh[t, a*q + c] w1[a, c, j]
+    want_gh = torch.einsum("tev,veu->tuv", g.double().view(tokens, s, l), w2.double())
+    want_gh = want_gh.reshape(tokens, k * q)
+    assert _relative_error(gh, want_gh) < 1e-2
+    want_gx = torch.einsum("tac,acj->taj", gh.double().view(tokens, k, q), w1.double())
+    assert _relative_error(gx, want_gx.reshape(tokens, k * p)) < 1e-2
+
+
+@needs_bf16_dot
+def test_bf16_dot_backward_kernel_refuses_what_it_cannot_do():
+    kernels = native.kernels()
+    w1, w2, _ = (t.bfloat16() for t in _factors(2, 16, 16, 16, 2, 2))
+    w2g, w1g = small_blocks._pack_grad_pairs(w1, w2)
+    g = torch.randn(3, 32).bfloat16()
+    gx, gh = torch.empty(3, 32, dtype=torch.bfloat16), torch.empty(3, 32, dtype=torch.bfloat16)
+    kernels.small_blocks_grad_x_dpbf16_(gx, gh, g, w2g, w1g)  # fits
+    with pytest.raises(RuntimeError, match="bf16 CPU matrices"):
+        kernels.small_blocks_grad_x_dpbf16_(gx.float(), gh, g, w2g, w1g)
+    with pytest.raises(RuntimeError, match="packed"):
+        kernels.small_blocks_grad_x_dpbf16_(gx, gh, g, w2, w1g)
+    with pytest.raises(RuntimeError, match="do not fit"):
+        kernels.small_blocks_grad_x_dpbf16_(gx[:, :16], gh, g, w2g, w1g)
+    with pytest.raises(RuntimeError, match="multiples of 16"):
+        kernels.small_blocks_grad_x_dpbf16_(gx, gh, g[:, :31], w2g, w1g)

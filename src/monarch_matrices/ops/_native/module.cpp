@@ -24,6 +24,8 @@ bool small_blocks_bf16_dot();
 void small_blocks_forward_dpbf16_(torch::Tensor y, torch::Tensor x, torch::Tensor w1p,
                                   torch::Tensor w2p, c10::optional<torch::Tensor> bias,
                                   c10::optional<torch::Tensor> mid);
+void small_blocks_grad_x_dpbf16_(torch::Tensor gx, torch::Tensor gh, torch::Tensor g,
+                                 torch::Tensor w2g, torch::Tensor w1g);
 bool weight_grad_bf16_dot();
 void weight_grad_dpbf16_(torch::Tensor c, torch::Tensor a, torch::Tensor bm, bool accumulate);
 
@@ -51,6 +53,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "bf16 small-block forward with bf16 dot products (small_blocks_dpbf16.cpp)", py::arg("y"),
         py::arg("x"), py::arg("w1p"), py::arg("w2p"), py::arg("bias") = py::none(),
         py::arg("mid") = py::none());
+  m.def("small_blocks_grad_x_dpbf16_", &small_blocks_grad_x_dpbf16_,
+        "grad x and grad h of the bf16 dot-product small-block forward (small_blocks_dpbf16.cpp)",
+        py::arg("gx"), py::arg("gh"), py::arg("g"), py::arg("w2g"), py::arg("w1g"));
   m.def("weight_grad_bf16_dot", &weight_grad_bf16_dot,
         "whether weight_grad_dpbf16_ was built (AVX512-BF16)");
   m.def("weight_grad_dpbf16_", &weight_grad_dpbf16_,

@@ -79,16 +79,17 @@ void first_factor(const uint16_t* x, int64_t ldx, const uint16_t* w1p, int64_t K
   }
 }
 
+// lane i of a packed vector takes element i/2 of the low half (even i) or of the high
+// half (odd i) of its source: the pairs (u, u+1) of one v side by side
+alignas(64) constexpr uint16_t kPairOrder[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5,
+                                                 21, 6, 22, 7, 23, 8, 24, 9, 25, 10, 26,
+                                                 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+
 // hp[t, u/2, v, 2] = bf16(h[t, u*L + v]) for NT rows of h (float32, rows ldh apart);
 // an odd last u pairs with zero.
 template <int NT>
 void pack_middle(const float* h, int64_t ldh, int64_t U, int64_t L, uint16_t* hp, int64_t ldp) {
-  // lane i of the result takes element i/2 of the low half (even i) or the high
-  // half (odd i): the pairs (u, u+1) of one v side by side
-  alignas(64) static const uint16_t order[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21,
-                                                 6, 22, 7, 23, 8, 24, 9, 25, 10, 26, 11, 27,
-                                                 12, 28, 13, 29, 14, 30, 15, 31};
-  const __m512i idx = _mm512_load_si512(order);
+  const __m512i idx = _mm512_load_si512(kPairOrder);
   for (int t = 0; t < NT; ++t) {
     for (int64_t u = 0; u < U; u += 2) {
       for (int64_t v0 = 0; v0 < L; v0 += kLanes) {
@@ -98,6 +99,26 @@ void pack_middle(const float* h, int64_t ldh, int64_t U, int64_t L, uint16_t* hp
         const __m512i both = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
         _mm512_storeu_si512(hp + t * ldp + (u / 2 * L + v0) * 2,
                             _mm512_permutexvar_epi16(idx, both));
+      }
+    }
+  }
+}
+
+// The same pairs from bf16 rows: gp[t, e/2, v, 2] = g[t, e*L + v] for NT rows of g
+// (rows ldg apart); an odd last e pairs with zero. For grad h, whose sums run over e.
+template <int NT>
+void pack_rows_bf16(const uint16_t* g, int64_t ldg, int64_t S, int64_t L, uint16_t* gp,
+                    int64_t ldp) {
+  const __m512i idx = _mm512_load_si512(kPairOrder);
+  for (int t = 0; t < NT; ++t) {
+    for (int64_t e = 0; e < S; e += 2) {
+      for (int64_t v0 = 0; v0 < L; v0 += kLanes) {
+        const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g + t * ldg + e * L + v0));
+        const __m256i hi = e + 1 < S ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+                                           g + t * ldg + (e + 1) * L + v0))
+                                     : _mm256_setzero_si256();
+        const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+        _mm512_storeu_si512(gp + t * ldp + (e / 2 * L + v0) * 2, _mm512_permutexvar_epi16(idx, both));
       }
     }
   }
@@ -154,6 +175,24 @@ void tile(const uint16_t* x, int64_t ldx, const uint16_t* w1p, const uint16_t* w
                             round16(_mm512_loadu_ps(mid + t * ldm + i)));
   pack_middle<NT>(mid, ldm, U, L, hp, ldp);
   second_factor<NT>(hp, ldp, w2p, E, (U + 1) / 2, L, bias, y, ldy);
+}
+
+// Backward, the two stages in the other order for NT tokens: grad h from grad y by
+// the strided stage (pairs of e), stored in bf16 (kept for w1's gradient, and the
+// next stage's input, as the chunked path's bf16 GEMMs round it); grad x from it by
+// the block stage (pairs of c), rounded to bf16.
+template <int NT>
+void grad_tile(const uint16_t* g, int64_t ldg, const uint16_t* w2g, const uint16_t* w1g,
+               int64_t K, int64_t Q, int64_t P, int64_t S, int64_t R, int64_t L, uint16_t* gp,
+               int64_t ldp, uint16_t* gh, int64_t ldh, float* gxf, int64_t ldf, uint16_t* gx,
+               int64_t ldx) {
+  pack_rows_bf16<NT>(g, ldg, S, L, gp, ldp);
+  second_factor<NT>(gp, ldp, w2g, R, (S + 1) / 2, L, nullptr, gh, ldh);
+  first_factor<NT>(gh, ldh, w1g, K, Q, P, gxf, ldf);
+  for (int t = 0; t < NT; ++t)
+    for (int64_t i = 0; i < K * P; i += kLanes)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(gx + t * ldx + i),
+                          round16(_mm512_loadu_ps(gxf + t * ldf + i)));
 }
 
 }  // namespace
@@ -228,6 +267,60 @@ void small_blocks_forward_dpbf16_(torch::Tensor y, torch::Tensor x, torch::Tenso
   });
 }
 
+// grad x and grad h of small_blocks_forward_dpbf16_ for bf16 g (N, s*l): gh (N, k*q)
+// and gx (N, k*p) receive them (rows contiguous); w2g (r, ceil(s/2), l, 2) and
+// w1g (k, q/2, p, 2) are the factors packed in pairs along their sums
+// (w2g[u, e/2, v, i] = w2[v, e + i, u], w1g[a, c/2, j, i] = w1[a, c + i, j]).
+// Needs l and p multiples of 16, q even.
+void small_blocks_grad_x_dpbf16_(torch::Tensor gx, torch::Tensor gh, torch::Tensor g,
+                                 torch::Tensor w2g, torch::Tensor w1g) {
+  auto bf16_rows = [](const torch::Tensor& t) {
+    return t.device().is_cpu() && t.scalar_type() == at::kBFloat16 && t.dim() == 2 &&
+           t.stride(1) == 1;
+  };
+  TORCH_CHECK(bf16_rows(gx) && bf16_rows(gh) && bf16_rows(g),
+              "small_blocks_grad_x_dpbf16_: gx, gh and g must be bf16 CPU matrices with "
+              "contiguous rows");
+  TORCH_CHECK(w2g.dim() == 4 && w1g.dim() == 4 && w2g.is_contiguous() && w1g.is_contiguous() &&
+                  w2g.scalar_type() == at::kBFloat16 && w1g.scalar_type() == at::kBFloat16 &&
+                  w2g.size(3) == 2 && w1g.size(3) == 2,
+              "small_blocks_grad_x_dpbf16_: packed (r, s/2, l, 2) and (k, q/2, p, 2) bf16 "
+              "factors expected");
+  const int64_t R = w2g.size(0), L = w2g.size(2), K = w1g.size(0), Q = 2 * w1g.size(1),
+                P = w1g.size(2);
+  const int64_t n = g.size(0);
+  TORCH_CHECK(L % kLanes == 0 && P % kLanes == 0 && K * Q == L * R && g.size(1) % L == 0 &&
+                  (g.size(1) / L + 1) / 2 == w2g.size(1),
+              "small_blocks_grad_x_dpbf16_: l and p must be multiples of 16 and k*q == l*r");
+  const int64_t S = g.size(1) / L;
+  TORCH_CHECK(gh.size(0) == n && gh.size(1) == K * Q && gx.size(0) == n && gx.size(1) == K * P,
+              "small_blocks_grad_x_dpbf16_: gh ", gh.sizes(), " and gx ", gx.sizes(),
+              " do not fit the factors");
+  if (n == 0) return;
+  auto ptr = [](const torch::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr()); };
+  const uint16_t *gp_in = ptr(g), *w2 = ptr(w2g), *w1 = ptr(w1g);
+  uint16_t *ghp = ptr(gh), *gxp = ptr(gx);
+  const int64_t ldg = g.stride(0), ldh = gh.stride(0), ldx = gx.stride(0);
+  const int64_t ldp = (S + 1) / 2 * L * 2 + 2 * kLanes;  // rows off the 4 KiB set stride
+  const int64_t ldf = K * P + kLanes;
+  const int64_t tiles = (n + kTile - 1) / kTile;
+  at::parallel_for(0, tiles, 4, [&](int64_t begin, int64_t end) {
+    std::vector<uint16_t> gp(kTile * ldp);
+    std::vector<float> gxf(kTile * ldf);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t t0 = t * kTile, nt = std::min<int64_t>(kTile, n - t0);
+      if (nt == kTile) {
+        grad_tile<kTile>(gp_in + t0 * ldg, ldg, w2, w1, K, Q, P, S, R, L, gp.data(), ldp,
+                         ghp + t0 * ldh, ldh, gxf.data(), ldf, gxp + t0 * ldx, ldx);
+      } else {
+        for (int64_t i = t0; i < t0 + nt; ++i)  // the ragged last tile, a token at a time
+          grad_tile<1>(gp_in + i * ldg, ldg, w2, w1, K, Q, P, S, R, L, gp.data(), ldp,
+                       ghp + i * ldh, ldh, gxf.data(), ldf, gxp + i * ldx, ldx);
+      }
+    }
+  });
+}
+
 #else  // no AVX512-BF16: callers check small_blocks_bf16_dot() first
 
 bool small_blocks_bf16_dot() { return false; }
@@ -235,6 +328,11 @@ bool small_blocks_bf16_dot() { return false; }
 void small_blocks_forward_dpbf16_(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
                                   c10::optional<torch::Tensor>, c10::optional<torch::Tensor>) {
   TORCH_CHECK(false, "small_blocks_forward_dpbf16_: built without AVX512-BF16");
+}
+
+void small_blocks_grad_x_dpbf16_(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
+                                 torch::Tensor) {
+  TORCH_CHECK(false, "small_blocks_grad_x_dpbf16_: built without AVX512-BF16");
 }
 
 #endif
