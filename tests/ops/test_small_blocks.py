@@ -329,21 +329,20 @@ def test_bf16_dot_kernel_refuses_what_it_cannot_do():
 
 
 @needs_bf16_dot
-@pytest.mark.parametrize("needs", [(1, 1, 1, 1), (0, 1, 0, 0), (0, 0, 1, 1), (1, 0, 0, 1)])
-def test_bf16_training_weight_gradients_from_the_dot_product_kernel(monkeypatch, needs):
-    """bf16 backward takes grad h and grad x from the dot-product stages and both factor
-    gradients from weight_grad.py (w2's chunk by chunk,
-    with the bias gradient summed in the same permutation pass; uneven last chunk), and
-    matches the float64 reference."""
-    monkeypatch.setattr(small_blocks, "GRAD_W2_CHUNK", 50)
-    calls = []
+@pytest.mark.parametrize("needs", [(1, 1, 1, 1), (0, 1, 0, 0), (0, 0, 1, 1), (1, 0, 0, 1),
+                                   (0, 0, 0, 1)])
+def test_bf16_training_backward_takes_the_dot_product_kernels(monkeypatch, needs):
+    """bf16 backward: grad h and grad x by the dot-product stages, grad w1 from
+    weight_grad.py, grad w2 (and the bias gradient with it) from its own pass; several
+    64-token tiles and a ragged one; every gradient subset against float64."""
+    kernels, calls = native.kernels(), []
+    for name in ("small_blocks_grad_x_dpbf16_", "small_blocks_grad_w2_dpbf16_"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name,
+                            lambda *a, real=real, name=name: calls.append(name) or real(*a))
     real_add = weight_grad.add_
     monkeypatch.setattr(weight_grad, "add_",
-                        lambda acc, a, b, first: calls.append(first) or real_add(acc, a, b, first))
-    kernels, grad_x_calls = native.kernels(), []
-    real_grad_x = kernels.small_blocks_grad_x_dpbf16_
-    monkeypatch.setattr(kernels, "small_blocks_grad_x_dpbf16_",
-                        lambda *a: grad_x_calls.append(1) or real_grad_x(*a))
+                        lambda *a, **kw: calls.append("weight_grad") or real_add(*a, **kw))
     shape = (32, 32, 32, 32, 32, 32)
     w1, w2, bias = _factors(*shape, seed=5)
     x = torch.randn(217, 1024, dtype=F64)
@@ -357,9 +356,41 @@ def test_bf16_training_weight_gradients_from_the_dot_product_kernel(monkeypatch,
                               [t for t in low if t.requires_grad], g.bfloat16())
     for a, b in zip(got, want):
         assert a.dtype == torch.bfloat16 and _relative_error(a, b) < 1e-2
-    # w1: one call over all tokens; w2: one per 50-token chunk (5)
-    assert len(calls) == needs[1] + 5 * needs[2]
-    assert len(grad_x_calls) == int(needs[0] or needs[1])  # grad h for grad x and w1
+    assert calls.count("small_blocks_grad_x_dpbf16_") == int(needs[0] or needs[1])
+    assert calls.count("weight_grad") == needs[1]
+    assert calls.count("small_blocks_grad_w2_dpbf16_") == needs[2]
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize(("s", "r", "l"), [(32, 32, 32), (5, 3, 16), (1, 1, 48)])
+@pytest.mark.parametrize("tokens", [1, 64, 131])
+def test_bf16_dot_grad_w2_kernel_matches_float64(s, r, l, tokens):
+    """gw2p[e, u, v] = sum_t g[t, e*l + v] h[t, u*l + v], and g's column sums, for odd
+    and single e, u, odd token counts and more than one 64-token tile."""
+    g = torch.randn(tokens, s * l).bfloat16()
+    h = torch.randn(tokens, r * l).bfloat16()
+    got = torch.full((s, r, l), float("nan"))
+    colsum = torch.ones(s * l)  # the kernel adds into it
+    native.kernels().small_blocks_grad_w2_dpbf16_(got, g, h, colsum)
+    want = torch.einsum("tev,tuv->euv", g.double().view(tokens, s, l),
+                        h.double().view(tokens, r, l))
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4 * tokens**0.5)
+    torch.testing.assert_close(colsum.double(), 1 + g.double().sum(0), rtol=1e-5, atol=1e-4)
+
+
+@needs_bf16_dot
+def test_bf16_dot_grad_w2_kernel_refuses_bad_input():
+    kernels = native.kernels()
+    g, h = torch.randn(5, 64).bfloat16(), torch.randn(5, 32).bfloat16()
+    kernels.small_blocks_grad_w2_dpbf16_(torch.empty(4, 2, 16), g, h)  # fits
+    with pytest.raises(RuntimeError, match="gw2p must be"):
+        kernels.small_blocks_grad_w2_dpbf16_(torch.empty(4, 2, 16, dtype=F64), g, h)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        kernels.small_blocks_grad_w2_dpbf16_(torch.empty(8, 4, 8), g, h)
+    with pytest.raises(RuntimeError, match="g \\(N, s\\*l\\) and h"):
+        kernels.small_blocks_grad_w2_dpbf16_(torch.empty(4, 2, 16), g, h[:4])
+    with pytest.raises(RuntimeError, match="colsum must be"):
+        kernels.small_blocks_grad_w2_dpbf16_(torch.empty(4, 2, 16), g, h, torch.zeros(63))
 
 
 @needs_bf16_dot

@@ -20,9 +20,9 @@ packed on every call included.  Its backward runs the same way: ``grad h`` and
 ``grad x`` by the two dot-product stages in the other order (``grad h`` rounded
 to bf16 between them, as the chunked path's bf16 GEMMs round it; 1.56x faster
 than the float32-FMA stages), and the factor gradients from the bf16
-weight-gradient kernel of :mod:`~monarch_matrices.ops.weight_grad` (``w2``'s
-after permuting ``grad y`` and the middle block-major, chunk by chunk): the
-sqrt(n) bf16 training step 1.34x faster than with the float32-FMA backward.
+weight-gradient kernel of :mod:`~monarch_matrices.ops.weight_grad` (``w1``) and
+a pass with vectors along ``w2``'s blocks (``w2``, and the bias): the sqrt(n)
+bf16 training step 1.34x faster than with the float32-FMA backward.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from . import native, weight_grad
-from .permute import column_sum_dtype, deinterleave_
+from .permute import column_sum_dtype
 
 # widest block (any of p, q, r, s) the kernel takes, and fewest tokens, per dtype
 MAX_BLOCK = {torch.float32: 64, torch.bfloat16: 32}
@@ -175,20 +175,18 @@ class _SmallBlocksMultiply(torch.autograd.Function):
         return grad_x, grad_w1, grad_w2, grad_bias
 
 
-# tokens per pass of _grad_w_bf16_dot: both permuted chunks (2 x 0.75 MiB at 1024 bf16
-# features) stay in L2 between the permutation and the products
-GRAD_W2_CHUNK = 384
-
-
 def _grad_w_bf16_dot(
     x: torch.Tensor, gh: torch.Tensor | None, g: torch.Tensor, mid: torch.Tensor | None,
     w1_shape: torch.Size, w2_shape: torch.Size, need_w1: bool, need_w2: bool, need_bias: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """bf16 ``(grad w1, grad w2, grad bias)`` by the weight-gradient kernel (weight_grad.py).
+    """bf16 ``(grad w1, grad w2, grad bias)`` with bf16 dot products, summed in float32.
 
-    ``grad w1[a] = ghᵀ x`` over block ``a``'s columns, which are contiguous in both.
-    ``w2``'s blocks are strided in ``g`` and ``h`` (``g[t, e·l + v]``): chunk by chunk
-    both are permuted block-major first (the bias gradient summed in that pass).
+    ``grad w1[a] = ghᵀ x`` over block ``a``'s columns, contiguous in both: the
+    weight-gradient kernel (weight_grad.py).  ``w2``'s blocks are strided in ``g`` and
+    ``h`` (``g[t, e·l + v]``), but its ``l`` blocks sit side by side there, so its own
+    kernel keeps vectors along them, as the forward's second stage does; it sums the
+    bias gradient while it reads ``g`` (permuting both block-major first cost 4 ms of
+    a 24 ms sqrt(n) step).
     """
     k, q, p = w1_shape
     l, s, r = w2_shape
@@ -200,21 +198,10 @@ def _grad_w_bf16_dot(
                          first=True)
         grad_w1 = acc1.to(x.dtype)
     colsum = g.new_zeros(s * l, dtype=column_sum_dtype(g.dtype)) if need_bias else None
-    if need_w2:
-        acc2 = x.new_empty(l, s, r, dtype=torch.float32)
-        chunk = min(n, GRAD_W2_CHUNK)
-        # blocks one cache line apart beyond their data: l streams a multiple of 4 KiB
-        # apart would share the L1 sets (see multiply._chunk_stride)
-        gz = g.new_empty(l, chunk * s + 32)
-        hz = g.new_empty(l, chunk * r + 32)
-        for start in range(0, n, chunk):
-            m = min(chunk, n - start)
-            gzc, hzc = gz[:, : m * s].view(l, m, s), hz[:, : m * r].view(l, m, r)
-            deinterleave_(gzc.transpose(0, 1).unsqueeze(1), g[start : start + m].view(m, 1, s, l),
-                          colsum)
-            deinterleave_(hzc.transpose(0, 1).unsqueeze(1), mid[start : start + m].view(m, 1, r, l))
-            weight_grad.add_(acc2, gzc, hzc, first=start == 0)
-        grad_w2 = acc2.to(x.dtype)
+    if need_w2:  # vectors along w2's blocks v, side by side in grad y and h (no permutation)
+        acc2 = x.new_empty(s, r, l, dtype=torch.float32)
+        native.kernels().small_blocks_grad_w2_dpbf16_(acc2, g, mid, colsum)
+        grad_w2 = acc2.permute(2, 0, 1).to(x.dtype).contiguous()  # [e, u, v] -> [v, e, u]
     elif need_bias:
         colsum = g.sum(0, dtype=colsum.dtype)
     if need_bias:

@@ -26,6 +26,8 @@ void small_blocks_forward_dpbf16_(torch::Tensor y, torch::Tensor x, torch::Tenso
                                   c10::optional<torch::Tensor> mid);
 void small_blocks_grad_x_dpbf16_(torch::Tensor gx, torch::Tensor gh, torch::Tensor g,
                                  torch::Tensor w2g, torch::Tensor w1g);
+void small_blocks_grad_w2_dpbf16_(torch::Tensor gw2p, torch::Tensor g, torch::Tensor h,
+                                  c10::optional<torch::Tensor> colsum);
 bool weight_grad_bf16_dot();
 void weight_grad_dpbf16_(torch::Tensor c, torch::Tensor a, torch::Tensor bm, bool accumulate);
 
@@ -56,6 +58,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("small_blocks_grad_x_dpbf16_", &small_blocks_grad_x_dpbf16_,
         "grad x and grad h of the bf16 dot-product small-block forward (small_blocks_dpbf16.cpp)",
         py::arg("gx"), py::arg("gh"), py::arg("g"), py::arg("w2g"), py::arg("w1g"));
+  m.def("small_blocks_grad_w2_dpbf16_", &small_blocks_grad_w2_dpbf16_,
+        "w2's gradient (s, r, l) of the bf16 small-block multiply, and g's column sums "
+        "(small_blocks_dpbf16.cpp)",
+        py::arg("gw2p"), py::arg("g"), py::arg("h"), py::arg("colsum") = py::none());
   m.def("weight_grad_bf16_dot", &weight_grad_bf16_dot,
         "whether weight_grad_dpbf16_ was built (AVX512-BF16)");
   m.def("weight_grad_dpbf16_", &weight_grad_dpbf16_,

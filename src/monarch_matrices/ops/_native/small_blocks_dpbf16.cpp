@@ -23,6 +23,8 @@
 
 #include <ATen/Parallel.h>
 
+#include "partials.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -195,6 +197,55 @@ void grad_tile(const uint16_t* g, int64_t ldg, const uint16_t* w2g, const uint16
                           round16(_mm512_loadu_ps(gxf + t * ldf + i)));
 }
 
+// w2's gradient, gw2p[e, u, v] = sum_t g[t, e*L + v] h[t, u*L + v]: vectors along v,
+// whose lanes are side by side in both g and h, so no permutation pass is needed.
+// The sum runs over tokens, so a tile's rows are packed in pairs of tokens,
+// P[t/2][col][2] (a ragged last token pairs with zeros); with `colsum`, g's column
+// sums (the bias gradient) are taken while its rows are packed.
+constexpr int kPairTile = 32;  // token pairs per tile: both packed tiles in L2
+
+// P[tp][c][2] = (src[2tp][c], src[2tp+1][c]) for c < ncols (a multiple of 16); rows
+// of src lds apart, nt of them; with sum, adds every row into sum[c] (float32).
+void pack_token_pairs(const uint16_t* src, int64_t lds, int64_t ncols, int64_t nt,
+                      uint16_t* p, int64_t ldp, float* sum) {
+  const __m512i idx = _mm512_load_si512(kPairOrder);
+  for (int64_t tp = 0; tp < (nt + 1) / 2; ++tp) {
+    const uint16_t* r0 = src + 2 * tp * lds;
+    const bool second = 2 * tp + 1 < nt;
+    for (int64_t c = 0; c < ncols; c += kLanes) {
+      const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + c));
+      const __m256i hi = second ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + lds + c))
+                                : _mm256_setzero_si256();
+      _mm512_storeu_si512(p + tp * ldp + 2 * c,
+                          _mm512_permutexvar_epi16(idx, _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)));
+      if (sum != nullptr) {  // bf16 -> float32 is a shift into the high half
+        const __m512 a = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(lo), 16));
+        const __m512 b = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
+        _mm512_storeu_ps(sum + c, _mm512_add_ps(_mm512_loadu_ps(sum + c), _mm512_add_ps(a, b)));
+      }
+    }
+  }
+}
+
+// acc[e, u, v0..v0+16) += sum over the pairs of gp[., e*L + v0..] . hp[., u*L + v0..]
+// for EB values of e and UB of u.
+template <int EB, int UB>
+inline void sum_w2_pairs(const uint16_t* gp, const uint16_t* hp, int64_t ldp_g, int64_t ldp_h,
+                         int64_t pairs, int64_t L, float* acc, int64_t R) {
+  __m512 sums[EB][UB];
+  for (int i = 0; i < EB; ++i)
+    for (int j = 0; j < UB; ++j) sums[i][j] = _mm512_loadu_ps(acc + (i * R + j) * L);
+  for (int64_t tp = 0; tp < pairs; ++tp) {
+    __m512bh gv[EB], hv[UB];
+    for (int i = 0; i < EB; ++i) gv[i] = as_bh(_mm512_loadu_si512(gp + tp * ldp_g + 2 * i * L));
+    for (int j = 0; j < UB; ++j) hv[j] = as_bh(_mm512_loadu_si512(hp + tp * ldp_h + 2 * j * L));
+    for (int i = 0; i < EB; ++i)
+      for (int j = 0; j < UB; ++j) sums[i][j] = _mm512_dpbf16_ps(sums[i][j], gv[i], hv[j]);
+  }
+  for (int i = 0; i < EB; ++i)
+    for (int j = 0; j < UB; ++j) _mm512_storeu_ps(acc + (i * R + j) * L, sums[i][j]);
+}
+
 }  // namespace
 
 bool small_blocks_bf16_dot() { return true; }
@@ -321,6 +372,72 @@ void small_blocks_grad_x_dpbf16_(torch::Tensor gx, torch::Tensor gh, torch::Tens
   });
 }
 
+// gw2p (s, r, l) float32 = sum over the tokens of g[t, e*l + v] h[t, u*l + v], for
+// bf16 g (N, s*l) and h (N, r*l) with contiguous rows; colsum (s*l float32, or
+// undefined) = g's column sums. Per-task partial sums added in task order (partials.h).
+void small_blocks_grad_w2_dpbf16_(torch::Tensor gw2p, torch::Tensor g, torch::Tensor h,
+                                  c10::optional<torch::Tensor> colsum) {
+  TORCH_CHECK(gw2p.device().is_cpu() && gw2p.scalar_type() == at::kFloat && gw2p.dim() == 3 &&
+                  gw2p.is_contiguous(),
+              "small_blocks_grad_w2_dpbf16_: gw2p must be a contiguous float32 CPU (s, r, l)");
+  const int64_t S = gw2p.size(0), R = gw2p.size(1), L = gw2p.size(2), n = g.size(0);
+  auto bf16_rows = [n](const torch::Tensor& t, int64_t cols) {
+    return t.device().is_cpu() && t.scalar_type() == at::kBFloat16 && t.dim() == 2 &&
+           t.stride(1) == 1 && t.size(0) == n && t.size(1) == cols;
+  };
+  TORCH_CHECK(L % kLanes == 0, "small_blocks_grad_w2_dpbf16_: l must be a multiple of 16");
+  TORCH_CHECK(bf16_rows(g, S * L) && bf16_rows(h, R * L),
+              "small_blocks_grad_w2_dpbf16_: g (N, s*l) and h (N, r*l) must be bf16 CPU "
+              "matrices with contiguous rows, got ", g.sizes(), " and ", h.sizes());
+  float* cs = nullptr;
+  if (colsum.has_value() && colsum->defined()) {
+    TORCH_CHECK(colsum->device().is_cpu() && colsum->scalar_type() == at::kFloat &&
+                    colsum->is_contiguous() && colsum->numel() == S * L,
+                "small_blocks_grad_w2_dpbf16_: colsum must be a contiguous float32 CPU tensor of ",
+                S * L);
+    cs = colsum->data_ptr<float>();
+  }
+  gw2p.zero_();
+  if (n == 0) return;
+  const auto* G = reinterpret_cast<const uint16_t*>(g.data_ptr());
+  const auto* H = reinterpret_cast<const uint16_t*>(h.data_ptr());
+  const int64_t ldg = g.stride(0), ldh = h.stride(0);
+  const int64_t ldp_g = 2 * S * L + 2 * kLanes, ldp_h = 2 * R * L + 2 * kLanes;  // off 4 KiB
+  const int64_t tiles = (n + 2 * kPairTile - 1) / (2 * kPairTile);
+  OrderedPartials<float> sums, columns;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(S * R * L, 0.f), col(cs != nullptr ? S * L : 0, 0.f);
+    std::vector<uint16_t> gp(kPairTile * ldp_g), hp(kPairTile * ldp_h);
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t t0 = tile * 2 * kPairTile, nt = std::min<int64_t>(2 * kPairTile, n - t0);
+      const int64_t pairs = (nt + 1) / 2;
+      pack_token_pairs(G + t0 * ldg, ldg, S * L, nt, gp.data(), ldp_g,
+                       cs != nullptr ? col.data() : nullptr);
+      pack_token_pairs(H + t0 * ldh, ldh, R * L, nt, hp.data(), ldp_h, nullptr);
+      for (int64_t v0 = 0; v0 < L; v0 += kLanes) {
+        int64_t e = 0;
+        for (; e + 4 <= S; e += 4) {
+          int64_t u = 0;
+          for (; u + 4 <= R; u += 4)
+            sum_w2_pairs<4, 4>(gp.data() + 2 * (e * L + v0), hp.data() + 2 * (u * L + v0), ldp_g,
+                               ldp_h, pairs, L, acc.data() + (e * R + u) * L + v0, R);
+          for (; u < R; ++u)
+            sum_w2_pairs<4, 1>(gp.data() + 2 * (e * L + v0), hp.data() + 2 * (u * L + v0), ldp_g,
+                               ldp_h, pairs, L, acc.data() + (e * R + u) * L + v0, R);
+        }
+        for (; e < S; ++e)
+          for (int64_t u = 0; u < R; ++u)
+            sum_w2_pairs<1, 1>(gp.data() + 2 * (e * L + v0), hp.data() + 2 * (u * L + v0), ldp_g,
+                               ldp_h, pairs, L, acc.data() + (e * R + u) * L + v0, R);
+      }
+    }
+    sums.add(begin, std::move(acc));
+    if (cs != nullptr) columns.add(begin, std::move(col));
+  });
+  sums.sum_into(gw2p.data_ptr<float>());
+  if (cs != nullptr) columns.sum_into(cs);
+}
+
 #else  // no AVX512-BF16: callers check small_blocks_bf16_dot() first
 
 bool small_blocks_bf16_dot() { return false; }
@@ -333,6 +450,11 @@ void small_blocks_forward_dpbf16_(torch::Tensor, torch::Tensor, torch::Tensor, t
 void small_blocks_grad_x_dpbf16_(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
                                  torch::Tensor) {
   TORCH_CHECK(false, "small_blocks_grad_x_dpbf16_: built without AVX512-BF16");
+}
+
+void small_blocks_grad_w2_dpbf16_(torch::Tensor, torch::Tensor, torch::Tensor,
+                                  c10::optional<torch::Tensor>) {
+  TORCH_CHECK(false, "small_blocks_grad_w2_dpbf16_: built without AVX512-BF16");
 }
 
 #endif
