@@ -330,7 +330,7 @@ def test_bf16_dot_kernel_refuses_what_it_cannot_do():
 
 @needs_bf16_dot
 @pytest.mark.parametrize("needs", [(1, 1, 1, 1), (0, 1, 0, 0), (0, 0, 1, 1), (1, 0, 0, 1),
-                                   (0, 0, 0, 1)])
+                                   (0, 0, 0, 1), (0, 1, 0, 1)])
 def test_bf16_training_backward_takes_the_dot_product_kernels(monkeypatch, needs):
     """bf16 backward: grad h and grad x by the dot-product stages, grad w1 from
     weight_grad.py, grad w2 (and the bias gradient with it) from its own pass; several
@@ -372,6 +372,9 @@ def test_bf16_dot_grad_w2_kernel_matches_float64(s, r, l, tokens):
     got = torch.full((s, r, l), float("nan"))
     colsum = torch.ones(s * l)  # the kernel adds into it
     native.kernels().small_blocks_grad_w2_dpbf16_(got, g, h, colsum)
+    alone = torch.empty(s, r, l)
+    native.kernels().small_blocks_grad_w2_dpbf16_(alone, g, h)  # no column sums
+    assert torch.equal(alone, got)
     want = torch.einsum("tev,tuv->euv", g.double().view(tokens, s, l),
                         h.double().view(tokens, r, l))
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4 * tokens**0.5)
@@ -387,6 +390,8 @@ def test_bf16_dot_grad_w2_kernel_refuses_bad_input():
         kernels.small_blocks_grad_w2_dpbf16_(torch.empty(4, 2, 16, dtype=F64), g, h)
     with pytest.raises(RuntimeError, match="multiple of 16"):
         kernels.small_blocks_grad_w2_dpbf16_(torch.empty(8, 4, 8), g, h)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        kernels.small_blocks_grad_w2_dpbf16_(torch.empty(4, 2, 0), g, h)
     with pytest.raises(RuntimeError, match="g \\(N, s\\*l\\) and h"):
         kernels.small_blocks_grad_w2_dpbf16_(torch.empty(4, 2, 16), g, h[:4])
     with pytest.raises(RuntimeError, match="colsum must be"):
@@ -431,3 +436,9 @@ def test_bf16_dot_backward_kernel_refuses_what_it_cannot_do():
         kernels.small_blocks_grad_x_dpbf16_(gx[:, :16], gh, g, w2g, w1g)
     with pytest.raises(RuntimeError, match="multiples of 16"):
         kernels.small_blocks_grad_x_dpbf16_(gx, gh, g[:, :31], w2g, w1g)
+    empty = torch.empty(1, 1, 0, 2, dtype=torch.bfloat16)  # l = 0: refused, not a division
+    with pytest.raises(RuntimeError, match="multiples of 16"):
+        kernels.small_blocks_grad_x_dpbf16_(gx, gh[:, :0], g[:, :4], empty,
+                                            torch.empty(0, 1, 16, 2, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="single memory location"):
+        kernels.small_blocks_grad_x_dpbf16_(gx, gh[:1].expand(3, 32), g, w2g, w1g)

@@ -158,3 +158,80 @@ def test_bf16_backward_takes_the_kernel_and_matches_float64(monkeypatch, needs):
     expected = needs[2] * -(-301 // chunks) + needs[1]  # w2 per chunk, w1 once (one group)
     assert len(calls) == expected
     assert [first for _, first in calls].count(True) == needs[1] + needs[2]
+
+
+@needs_bf16_dot
+def test_kernel_refuses_overlapping_sums():
+    """An expanded c would give two work items the same sums to write."""
+    a, b = _operands(2, 10, 4, 6)
+    with pytest.raises(RuntimeError, match="single memory location"):
+        native.kernels().weight_grad_dpbf16_(torch.zeros(1, 4, 6).expand(2, 4, 6), a, b, False)
+
+
+@needs_bf16_dot
+def test_wide_blocks_over_several_passes_keep_their_bits_at_any_thread_count():
+    """Sums too large to take all at once (each block over every pass in turn): more
+    than one 384-token pass, accumulated, same bits at 1, 2 and 3 threads."""
+    a, b = _operands(4, 1000, 256, 256, seed=2, token_major=True)
+    want = _reference(a, b)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            c = torch.empty(4, 256, 256)
+            weight_grad.add_(c, a, b, first=True)
+            results.append(c)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(results[0], c) for c in results[1:])
+    scale = float(want.abs().max())
+    assert float((results[0].double() - want).abs().max()) <= 1e-5 * scale * 1000**0.5
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("which", ["w1", "w2"])
+def test_bf16_backward_with_transposed_factors(monkeypatch, which):
+    """Factors that are permuted views (a transposed parameter, or autocast's cast of
+    one) keep their strides in empty_like: the float32 sums are allocated contiguous."""
+    monkeypatch.setattr(multiply_module, "CHUNK_BYTES", 64 * 1024)
+    torch.manual_seed(1)
+    x = torch.randn(301, 512, dtype=F64)
+    w1 = torch.randn(4, 96, 128, dtype=F64) / 11
+    w2 = torch.randn(8, 40, 48, dtype=F64) / 7
+    g = torch.randn(301, 320, dtype=F64)
+    ref = [t.clone().requires_grad_() for t in (x, w1, w2)]
+    want = torch.autograd.grad(monarch_multiply_reference(*ref), ref, g)
+    low = [t.bfloat16() for t in (x, w1, w2)]
+    i = 1 if which == "w1" else 2
+    low[i] = low[i].transpose(1, 2).contiguous().transpose(1, 2)  # same values, permuted strides
+    low = [t.requires_grad_() for t in low]
+    assert not low[i].is_contiguous()
+    got = torch.autograd.grad(monarch_multiply(*low), low, g.bfloat16())
+    for a, b in zip(got, want):
+        assert float((a.double() - b).norm() / b.norm()) < 1e-2
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("rank, l", [(3, 8), (5, 64)])  # fused into w1 (q % l == 0), or not
+def test_bf16_backward_with_a_lowrank_term(monkeypatch, rank, l):
+    """The low-rank term's a rides in w1's gradient when fused: every gradient against
+    float64, through the kernel."""
+    monkeypatch.setattr(multiply_module, "CHUNK_BYTES", 64 * 1024)
+    torch.manual_seed(2)
+    k, q, p = 4, 96, 128
+    r, s = k * q // l, 40
+    x = torch.randn(301, k * p, dtype=F64)
+    w1 = torch.randn(k, q, p, dtype=F64) / 11
+    w2 = torch.randn(l, s, r, dtype=F64) / 7
+    a = torch.randn(rank, k * p, dtype=F64) / 20
+    b = torch.randn(s * l, rank, dtype=F64) / 3
+    g = torch.randn(301, s * l, dtype=F64)
+    ref = [t.clone().requires_grad_() for t in (x, w1, w2, a, b)]
+    want_y = monarch_multiply_reference(*ref[:3]) + (ref[0] @ ref[3].t()) @ ref[4].t()
+    want = torch.autograd.grad(want_y, ref, g)
+    low = [t.bfloat16().requires_grad_() for t in (x, w1, w2, a, b)]
+    y = monarch_multiply(*low[:3], lowrank=(low[3], low[4]))
+    got = torch.autograd.grad(y, low, g.bfloat16())
+    for got_t, want_t in zip(got, want):
+        assert float((got_t.double() - want_t).norm() / want_t.norm()) < 2e-2

@@ -283,9 +283,12 @@ class _MonarchMultiply(torch.autograd.Function):
         native_grad_w = low and weight_grad.applies(x)
         # the first chunk writes them, later ones add (zero-filling them first cost
         # 0.35 ms of a 0.88 ms 8-token step); no tokens: zeros
+        # (contiguous, whatever the factors' strides: the native kernel writes rows)
         new = torch.zeros_like if n_tokens == 0 else torch.empty_like
-        grad_w2 = new(w2, dtype=acc) if need_w2 else None
-        grad_w1f = new(w1f, dtype=acc) if need_w1 or (fused and need_a) else None
+        contiguous = torch.contiguous_format
+        grad_w2 = new(w2, dtype=acc, memory_format=contiguous) if need_w2 else None
+        grad_w1f = (new(w1f, dtype=acc, memory_format=contiguous)
+                    if need_w1 or (fused and need_a) else None)
         grad_a = new(a, dtype=acc) if need_a and not fused else None
         grad_bt = new(b.t(), dtype=acc, memory_format=torch.contiguous_format) if need_b else None
         scratch: dict[str, torch.Tensor] = {}  # per-chunk products when acc is wider

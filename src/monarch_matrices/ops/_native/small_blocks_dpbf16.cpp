@@ -21,6 +21,7 @@
 
 #include <torch/extension.h>
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 
 #include "partials.h"
@@ -268,7 +269,7 @@ void small_blocks_forward_dpbf16_(torch::Tensor y, torch::Tensor x, torch::Tenso
               "(k, p/2, q, 2), (s, r/2, l, 2) weights expected");
   const int64_t K = w1p.size(0), P = 2 * w1p.size(1), Q = w1p.size(2);
   const int64_t E = w2p.size(0), pairs = w2p.size(1), L = w2p.size(2);
-  TORCH_CHECK(Q % kLanes == 0 && L % kLanes == 0 && (K * Q) % L == 0 &&
+  TORCH_CHECK(L > 0 && Q % kLanes == 0 && L % kLanes == 0 && (K * Q) % L == 0 &&
                   (K * Q / L + 1) / 2 == pairs,
               "small_blocks_forward_dpbf16_: q and l must be multiples of 16 and k*q == l*r");
   const int64_t U = K * Q / L;
@@ -340,13 +341,15 @@ void small_blocks_grad_x_dpbf16_(torch::Tensor gx, torch::Tensor gh, torch::Tens
   const int64_t R = w2g.size(0), L = w2g.size(2), K = w1g.size(0), Q = 2 * w1g.size(1),
                 P = w1g.size(2);
   const int64_t n = g.size(0);
-  TORCH_CHECK(L % kLanes == 0 && P % kLanes == 0 && K * Q == L * R && g.size(1) % L == 0 &&
-                  (g.size(1) / L + 1) / 2 == w2g.size(1),
+  TORCH_CHECK(L > 0 && L % kLanes == 0 && P % kLanes == 0 && K * Q == L * R &&
+                  g.size(1) % L == 0 && (g.size(1) / L + 1) / 2 == w2g.size(1),
               "small_blocks_grad_x_dpbf16_: l and p must be multiples of 16 and k*q == l*r");
   const int64_t S = g.size(1) / L;
   TORCH_CHECK(gh.size(0) == n && gh.size(1) == K * Q && gx.size(0) == n && gx.size(1) == K * P,
               "small_blocks_grad_x_dpbf16_: gh ", gh.sizes(), " and gx ", gx.sizes(),
               " do not fit the factors");
+  at::assert_no_internal_overlap(gx);
+  at::assert_no_internal_overlap(gh);
   if (n == 0) return;
   auto ptr = [](const torch::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr()); };
   const uint16_t *gp_in = ptr(g), *w2 = ptr(w2g), *w1 = ptr(w1g);
@@ -385,7 +388,8 @@ void small_blocks_grad_w2_dpbf16_(torch::Tensor gw2p, torch::Tensor g, torch::Te
     return t.device().is_cpu() && t.scalar_type() == at::kBFloat16 && t.dim() == 2 &&
            t.stride(1) == 1 && t.size(0) == n && t.size(1) == cols;
   };
-  TORCH_CHECK(L % kLanes == 0, "small_blocks_grad_w2_dpbf16_: l must be a multiple of 16");
+  TORCH_CHECK(L > 0 && L % kLanes == 0,
+              "small_blocks_grad_w2_dpbf16_: l must be a positive multiple of 16");
   TORCH_CHECK(bf16_rows(g, S * L) && bf16_rows(h, R * L),
               "small_blocks_grad_w2_dpbf16_: g (N, s*l) and h (N, r*l) must be bf16 CPU "
               "matrices with contiguous rows, got ", g.sizes(), " and ", h.sizes());

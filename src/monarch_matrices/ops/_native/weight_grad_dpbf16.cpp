@@ -24,6 +24,7 @@
 
 #include <torch/extension.h>
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -102,14 +103,15 @@ void pack_strips(const uint16_t* src, int64_t lds, int64_t ncols, int64_t nt, ui
 // c[0..rows, 0..32] (masked columns) = (load ? c : 0) + sum over the pairs of
 // ap[tp][r][2] . bp[tp][col][2].
 inline void micro_tile(const uint16_t* ap, int64_t ldap, const uint16_t* bp, int64_t pairs,
-                       float* c, int64_t ldc, int rows, __mmask16 m0, __mmask16 m1, bool load) {
+                       float* c, int64_t ldc, int rows, __mmask16 m0, __mmask16 m1, bool load,
+                       bool prefetch_next) {
   __m512 acc[kMR][2];
   for (int r = 0; r < kMR; ++r) {
     const bool keep = load && r < rows;
     acc[r][0] = keep ? _mm512_maskz_loadu_ps(m0, c + r * ldc) : _mm512_setzero_ps();
     acc[r][1] = keep ? _mm512_maskz_loadu_ps(m1, c + r * ldc + 16) : _mm512_setzero_ps();
   }
-  for (int r = 0; r < kMR; ++r) {  // the caller's next tile is the next kMR rows
+  for (int r = 0; prefetch_next && r < kMR; ++r) {  // the caller's next tile: the next kMR rows
     _mm_prefetch(reinterpret_cast<const char*>(c + (kMR + r) * ldc), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(c + (kMR + r) * ldc + 16), _MM_HINT_T0);
   }
@@ -154,6 +156,7 @@ void weight_grad_dpbf16_(torch::Tensor c, torch::Tensor a, torch::Tensor bm, boo
                   c.size(2) == N,
               "weight_grad_dpbf16_: shapes ", a.sizes(), ", ", bm.sizes(), " -> ", c.sizes(),
               " do not fit c = a^T bm per block");
+  at::assert_no_internal_overlap(c);  // each sum has one owner (and one writer)
   if (nb == 0 || M == 0 || N == 0) return;
   if (T == 0) {
     if (!accumulate) c.zero_();
@@ -194,7 +197,8 @@ void weight_grad_dpbf16_(torch::Tensor c, torch::Tensor a, torch::Tensor bm, boo
         for (int64_t it = 0; it < tiles; ++it) {
           const int rows = static_cast<int>(std::min<int64_t>(kMR, M - it * kMR));
           micro_tile(a_pack.data() + 2 * it * kMR, 2 * lda, bs, pairs,
-                     cb + it * kMR * c.stride(1) + js * kNR, c.stride(1), rows, m0, m1, load);
+                     cb + it * kMR * c.stride(1) + js * kNR, c.stride(1), rows, m0, m1, load,
+                     it + 1 < tiles);
         }
       }
     };
