@@ -223,6 +223,21 @@ def test_chunk_size_follows_cache_budget():
     assert multiply_module.chunk_tokens(8192, 768, 3072, torch.float32, meta) == 8192
 
 
+def test_large_factors_take_larger_chunks():
+    """Factors beyond LARGE_FACTOR_BYTES set the chunk's budget (up to MAX_CHUNK_BYTES):
+    each chunk re-reads them; smaller ones leave it at CHUNK_BYTES."""
+    cpu, mib = torch.device("cpu"), 2**20
+    base = multiply_module.chunk_tokens(4096, 4096, 4096, torch.float32, cpu)
+    assert base == multiply_module.CHUNK_BYTES // (8192 * 4) // 64 * 64
+    small = multiply_module.chunk_tokens(4096, 4096, 4096, torch.float32, cpu, 8 * mib)
+    assert small == base
+    large = multiply_module.chunk_tokens(4096, 4096, 4096, torch.float32, cpu, 16 * mib)
+    assert large == 16 * mib // (8192 * 4) // 64 * 64 > base
+    capped = multiply_module.chunk_tokens(4096, 4096, 4096, torch.float32, cpu, 1024 * mib)
+    assert capped == multiply_module.MAX_CHUNK_BYTES // (8192 * 4) // 64 * 64
+    assert multiply_module.chunk_tokens(3, 4, 4, torch.float32, cpu, 1024 * mib) == 3  # all
+
+
 def test_gradients_match_dense_autograd():
     w1 = torch.randn(4, 3, 5, dtype=F64, requires_grad=True)
     w2 = torch.randn(6, 7, 2, dtype=F64, requires_grad=True)
