@@ -29,6 +29,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX512BF16__)
@@ -247,6 +249,25 @@ inline void sum_w2_pairs(const uint16_t* gp, const uint16_t* hp, int64_t ldp_g, 
     for (int j = 0; j < UB; ++j) _mm512_storeu_ps(acc + (i * R + j) * L, sums[i][j]);
 }
 
+// In parallel over the tokens: run(std::integral_constant<int, kTile>{}, t0, scratch) for
+// each full tile of kTile tokens from t0, and the same with 1 for each token of a
+// ragged last tile; scratch is each task's make_scratch().
+template <typename MakeScratch, typename Run>
+void over_tiles(int64_t n, const MakeScratch& make_scratch, const Run& run) {
+  at::parallel_for(0, (n + kTile - 1) / kTile, 4, [&](int64_t begin, int64_t end) {
+    auto scratch = make_scratch();
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t t0 = t * kTile, nt = std::min<int64_t>(kTile, n - t0);
+      if (nt == kTile) {
+        run(std::integral_constant<int, kTile>{}, t0, scratch);
+      } else {
+        for (int64_t i = t0; i < t0 + nt; ++i)  // the ragged last tile, a token at a time
+          run(std::integral_constant<int, 1>{}, i, scratch);
+      }
+    }
+  });
+}
+
 }  // namespace
 
 bool small_blocks_bf16_dot() { return true; }
@@ -300,23 +321,16 @@ void small_blocks_forward_dpbf16_(torch::Tensor y, torch::Tensor x, torch::Tenso
   const int64_t ldx = x.stride(0), ldy = y.stride(0);
   const int64_t ldm = K * Q + kLanes;            // rows padded off the 4 KiB set stride
   const int64_t ldp = pairs * L * 2 + 2 * kLanes;
-  const int64_t tiles = (n + kTile - 1) / kTile;
-  at::parallel_for(0, tiles, 4, [&](int64_t begin, int64_t end) {
-    std::vector<float> mid(kTile * ldm);
-    std::vector<uint16_t> hp(kTile * ldp);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t t0 = t * kTile, nt = std::min<int64_t>(kTile, n - t0);
-      if (nt == kTile) {
-        tile<kTile>(xp + t0 * ldx, ldx, w1, w2, b, K, P, Q, E, U, L, mid.data(), ldm, hp.data(),
-                    ldp, yp + t0 * ldy, ldy, mid_out ? mid_out + t0 * K * Q : nullptr);
-      } else {
-        for (int64_t i = 0; i < nt; ++i)  // the ragged last tile, a token at a time
-          tile<1>(xp + (t0 + i) * ldx, ldx, w1, w2, b, K, P, Q, E, U, L, mid.data(), ldm,
-                  hp.data(), ldp, yp + (t0 + i) * ldy, ldy,
-                  mid_out ? mid_out + (t0 + i) * K * Q : nullptr);
-      }
-    }
-  });
+  over_tiles(
+      n,
+      [&] {  // the tile's middle (float32), then packed in pairs of u (bf16)
+        return std::make_pair(std::vector<float>(kTile * ldm), std::vector<uint16_t>(kTile * ldp));
+      },
+      [&](auto nt, int64_t t0, auto& scratch) {
+        tile<decltype(nt)::value>(xp + t0 * ldx, ldx, w1, w2, b, K, P, Q, E, U, L,
+                                  scratch.first.data(), ldm, scratch.second.data(), ldp,
+                                  yp + t0 * ldy, ldy, mid_out ? mid_out + t0 * K * Q : nullptr);
+      });
 }
 
 // grad x and grad h of small_blocks_forward_dpbf16_ for bf16 g (N, s*l): gh (N, k*q)
@@ -357,22 +371,16 @@ void small_blocks_grad_x_dpbf16_(torch::Tensor gx, torch::Tensor gh, torch::Tens
   const int64_t ldg = g.stride(0), ldh = gh.stride(0), ldx = gx.stride(0);
   const int64_t ldp = (S + 1) / 2 * L * 2 + 2 * kLanes;  // rows off the 4 KiB set stride
   const int64_t ldf = K * P + kLanes;
-  const int64_t tiles = (n + kTile - 1) / kTile;
-  at::parallel_for(0, tiles, 4, [&](int64_t begin, int64_t end) {
-    std::vector<uint16_t> gp(kTile * ldp);
-    std::vector<float> gxf(kTile * ldf);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t t0 = t * kTile, nt = std::min<int64_t>(kTile, n - t0);
-      if (nt == kTile) {
-        grad_tile<kTile>(gp_in + t0 * ldg, ldg, w2, w1, K, Q, P, S, R, L, gp.data(), ldp,
-                         ghp + t0 * ldh, ldh, gxf.data(), ldf, gxp + t0 * ldx, ldx);
-      } else {
-        for (int64_t i = t0; i < t0 + nt; ++i)  // the ragged last tile, a token at a time
-          grad_tile<1>(gp_in + i * ldg, ldg, w2, w1, K, Q, P, S, R, L, gp.data(), ldp,
-                       ghp + i * ldh, ldh, gxf.data(), ldf, gxp + i * ldx, ldx);
-      }
-    }
-  });
+  over_tiles(
+      n,
+      [&] {  // grad y packed in pairs of e (bf16), then grad x before rounding (float32)
+        return std::make_pair(std::vector<uint16_t>(kTile * ldp), std::vector<float>(kTile * ldf));
+      },
+      [&](auto nt, int64_t t0, auto& scratch) {
+        grad_tile<decltype(nt)::value>(gp_in + t0 * ldg, ldg, w2, w1, K, Q, P, S, R, L,
+                                       scratch.first.data(), ldp, ghp + t0 * ldh, ldh,
+                                       scratch.second.data(), ldf, gxp + t0 * ldx, ldx);
+      });
 }
 
 // gw2p (s, r, l) float32 = sum over the tokens of g[t, e*l + v] h[t, u*l + v], for
