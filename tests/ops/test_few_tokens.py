@@ -120,7 +120,7 @@ def test_monarch_multiply_takes_it_for_few_tokens_only(monkeypatch):
     for dtype, tokens in [(torch.float32, 8), (torch.bfloat16, 4), (torch.bfloat16, 5)]:
         with torch.no_grad():  # inference: bf16 beyond 4 tokens only with AVX512-BF16
             monarch_multiply(x[:tokens].to(dtype), w1.to(dtype), w2.to(dtype))
-    assert calls == [8, 4, 5] if native.kernels().few_tokens_bf16_dot() else [8, 4]
+    assert calls == [8, 4, 5] if native.bf16_dot() else [8, 4]
     assert not few_tokens.applies(x[:2].half(), w1.half(), w2.half())  # fp16: not covered
     assert not few_tokens.applies(x[:2].double(), w1, w2)
     wide = torch.zeros(1, 1024, 16)  # a 1024-wide block: the GEMM paths are faster

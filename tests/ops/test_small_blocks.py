@@ -111,7 +111,7 @@ def test_when_the_kernel_is_not_used(monkeypatch):
     x = torch.randn(100, 1024)
     assert not small_blocks.applies(x.half(), w1.half(), w2.half())  # no fp16 kernel
     assert not small_blocks.applies(x[:4], w1, w2)  # too few tokens to pay for the set-up
-    bf16_dot = native.kernels() is not None and native.kernels().small_blocks_bf16_dot()
+    bf16_dot = native.bf16_dot()
     # bf16: from 65 tokens, or 64 for inference with the dot-product kernel
     assert not small_blocks.applies(x.bfloat16()[:64], w1.bfloat16(), w2.bfloat16(),
                                     training=True)
@@ -254,7 +254,7 @@ def test_a_bias_on_another_device_is_refused_cleanly():
 
 
 needs_bf16_dot = pytest.mark.skipif(
-    native.kernels() is None or not native.kernels().small_blocks_bf16_dot(),
+    not native.bf16_dot(),
     reason="native kernels off or not built, or built without AVX512-BF16")
 
 

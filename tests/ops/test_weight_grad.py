@@ -10,7 +10,7 @@ from monarch_matrices.ops import multiply as multiply_module
 
 F64 = torch.float64
 needs_bf16_dot = pytest.mark.skipif(
-    native.kernels() is None or not native.kernels().weight_grad_bf16_dot(),
+    not native.bf16_dot(),
     reason="native kernels not built with AVX512-BF16",
 )
 
@@ -120,9 +120,7 @@ def test_applies_only_to_plain_bf16_cpu_tensors():
     assert not weight_grad.applies(x)
     assert not weight_grad.applies(x.to(torch.float16))
     assert not weight_grad.applies(torch.empty(4, 8, dtype=torch.bfloat16, device="meta"))
-    kernels = native.kernels()
-    expected = kernels is not None and kernels.weight_grad_bf16_dot()
-    assert weight_grad.applies(x.bfloat16()) == expected
+    assert weight_grad.applies(x.bfloat16()) == native.bf16_dot()
 
 
 @needs_bf16_dot

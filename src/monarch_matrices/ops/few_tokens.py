@@ -44,7 +44,7 @@ def applies(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
         return False                     # or on another device
     kernels = native.kernels()
     if (not training and x.dtype == torch.bfloat16 and x.shape[0] > BF16_INFERENCE_WITHOUT_DOT
-            and (kernels is None or not kernels.few_tokens_bf16_dot())):
+            and not native.bf16_dot()):
         return False
     return (kernels is not None
             and 0 < min(*w1.shape, *w2.shape) and max(*w1.shape[1:], *w2.shape[1:]) <= MAX_BLOCK

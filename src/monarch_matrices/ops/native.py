@@ -41,7 +41,7 @@ SOURCE_NAMES = (
     "permute.cpp", "small_blocks.cpp", "small_blocks_dpbf16.cpp", "few_tokens.cpp",
     "weight_grad_dpbf16.cpp", "module.cpp",
 )
-HEADER_NAMES = ("group_transpose.h", "partials.h", "vec16.h")
+HEADER_NAMES = ("bf16_pairs.h", "group_transpose.h", "partials.h", "vec16.h")
 
 
 def sources() -> list[Path]:
@@ -160,16 +160,20 @@ def available() -> bool:
     return kernels() is not None
 
 
+def bf16_dot() -> bool:
+    """Whether the kernels are loaded and were built with the CPU's bf16 dot products
+    (AVX512-BF16), which the bf16 few-token, small-block and weight-gradient kernels use."""
+    module = kernels()
+    return module is not None and module.bf16_dot()
+
+
 def status() -> str:
     """One line saying whether the kernels are in use, and if not why; when they
-    are, whether they were built with the CPU's bf16 dot products (AVX512-BF16),
-    which the bf16 few-token, small-block and weight-gradient kernels use."""
+    are, whether they were built with the CPU's bf16 dot products (:func:`bf16_dot`)."""
     module, message = _load()
     if module is None:
         return message
-    dot = (module.small_blocks_bf16_dot() and module.few_tokens_bf16_dot()
-           and module.weight_grad_bf16_dot())
-    return f"{message}; bf16 dot products (AVX512-BF16): {'yes' if dot else 'no'}"
+    return f"{message}; bf16 dot products (AVX512-BF16): {'yes' if module.bf16_dot() else 'no'}"
 
 
 def build(verbose: bool = False) -> Path:

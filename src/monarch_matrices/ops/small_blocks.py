@@ -47,9 +47,7 @@ LANES = 16  # the kernel's vectors: q and l must be multiples of this
 
 
 def _bf16_dot(x: torch.Tensor, w1: torch.Tensor) -> bool:
-    kernels = native.kernels()
-    return (x.dtype == torch.bfloat16 and w1.shape[2] % 2 == 0 and kernels is not None
-            and kernels.small_blocks_bf16_dot())
+    return x.dtype == torch.bfloat16 and w1.shape[2] % 2 == 0 and native.bf16_dot()
 
 
 def applies(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
@@ -147,20 +145,20 @@ class _SmallBlocksMultiply(torch.autograd.Function):
         g = grad_y.contiguous()
         grad_x = grad_w1 = grad_w2 = grad_bias = None
         gh = None
+        dot = _bf16_dot(x, w1)  # pairs of bf16 products (AVX512-BF16)
         if need_x or need_w1:  # grad h (and grad x) by the two stages in the other order
             gx = torch.empty_like(x)
             gh = x.new_empty(x.shape[0], k * q)
-            if _bf16_dot(x, w1):  # pairs of bf16 products (AVX512-BF16)
+            if dot:
                 w2g, w1g = _pack_grad_pairs(w1.detach(), w2.detach())
                 kernels.small_blocks_grad_x_dpbf16_(gx, gh, g, w2g, w1g)
             else:
                 w2q = w2.detach().float().permute(2, 1, 0).contiguous()  # (r, s, l)
                 kernels.small_blocks_grad_x_(gx, gh, g, w2q, w1.detach().float().contiguous())
             grad_x = gx if need_x else None
-        if (need_w1 or need_w2) and weight_grad.applies(x) and _bf16_dot(x, w1):  # bf16 dots
+        if (need_w1 or need_w2) and dot:
             grad_w1, grad_w2, grad_bias = _grad_w_bf16_dot(
                 x, gh, g, mid, w1.shape, w2.shape, need_w1, need_w2, need_bias)
-            need_bias = False  # (summed in the same pass)
         elif need_w1 or need_w2:
             gw1t = x.new_zeros(k, p, q, dtype=torch.float32) if need_w1 else None
             gw2p = x.new_zeros(s, r, l, dtype=torch.float32) if need_w2 else None
@@ -172,9 +170,8 @@ class _SmallBlocksMultiply(torch.autograd.Function):
                 grad_w1 = gw1t.transpose(1, 2).to(w1.dtype).contiguous()
             if need_w2:
                 grad_w2 = gw2p.permute(2, 0, 1).to(w2.dtype).contiguous()
-        if need_bias:
-            acc = torch.float64 if g.dtype == torch.float32 else torch.float32
-            grad_bias = g.sum(0, dtype=acc).to(g.dtype)
+        if need_bias and grad_bias is None:  # (not summed with w2's gradient)
+            grad_bias = g.sum(0, dtype=column_sum_dtype(g.dtype)).to(g.dtype)
         return grad_x, grad_w1, grad_w2, grad_bias
 
 
@@ -182,7 +179,8 @@ def _grad_w_bf16_dot(
     x: torch.Tensor, gh: torch.Tensor | None, g: torch.Tensor, mid: torch.Tensor | None,
     w1_shape: torch.Size, w2_shape: torch.Size, need_w1: bool, need_w2: bool, need_bias: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """bf16 ``(grad w1, grad w2, grad bias)`` with bf16 dot products, summed in float32.
+    """bf16 ``(grad w1, grad w2, grad bias)`` with bf16 dot products, summed in float32
+    (the bias's only with ``w2``'s, else ``None``).
 
     ``grad w1[a] = ghᵀ x`` over block ``a``'s columns, contiguous in both: the
     weight-gradient kernel (weight_grad.py).  ``w2``'s blocks are strided in ``g`` and
@@ -200,16 +198,12 @@ def _grad_w_bf16_dot(
         weight_grad.add_(acc1, gh.view(n, k, q).transpose(0, 1), x.view(n, k, p).transpose(0, 1),
                          first=True)
         grad_w1 = acc1.to(x.dtype)
-    colsum = None
     if need_w2:  # vectors along w2's blocks v, side by side in grad y and h (no permutation)
         colsum = g.new_zeros(s * l, dtype=column_sum_dtype(g.dtype)) if need_bias else None
         acc2 = x.new_empty(s, r, l, dtype=torch.float32)
         native.kernels().small_blocks_grad_w2_dpbf16_(acc2, g, mid, colsum)
         grad_w2 = acc2.permute(2, 0, 1).to(x.dtype).contiguous()  # [e, u, v] -> [v, e, u]
-    elif need_bias:
-        colsum = g.sum(0, dtype=column_sum_dtype(g.dtype))
-    if need_bias:
-        grad_bias = colsum.to(g.dtype)
+        grad_bias = None if colsum is None else colsum.to(g.dtype)
     return grad_w1, grad_w2, grad_bias
 
 

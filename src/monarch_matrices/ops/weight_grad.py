@@ -22,8 +22,7 @@ def applies(x: torch.Tensor) -> bool:
     """Whether :func:`add_` takes the factor gradients of a bf16 multiply of ``x``."""
     if x.dtype != torch.bfloat16 or not native.plain_cpu_tensor(x):  # before any kernel probe
         return False
-    kernels = native.kernels()
-    return kernels is not None and kernels.weight_grad_bf16_dot()
+    return native.bf16_dot()
 
 
 def add_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:

@@ -400,9 +400,6 @@ float* float_buffer(const c10::optional<torch::Tensor>& t, int64_t numel, const 
 
 }  // namespace
 
-// Whether the bf16 forward takes pairs of products per instruction (AVX512-BF16).
-bool few_tokens_bf16_dot() { return kBf16Dot; }
-
 // y (N, s*l) = x M^T (+ bias, float32); mid (N, l*r) float32 receives the permuted
 // middle activation, which backward takes.
 void few_tokens_forward_(torch::Tensor y, torch::Tensor mid, torch::Tensor x, torch::Tensor w1,

@@ -13,14 +13,12 @@ void small_blocks_grad_x_(torch::Tensor gx, torch::Tensor gh, torch::Tensor g, t
 void small_blocks_grad_w_(c10::optional<torch::Tensor> gw1t, c10::optional<torch::Tensor> gw2p,
                           torch::Tensor x, torch::Tensor gh, torch::Tensor g, torch::Tensor h,
                           int64_t k, int64_t l);
-bool few_tokens_bf16_dot();
 void few_tokens_forward_(torch::Tensor y, torch::Tensor mid, torch::Tensor x, torch::Tensor w1,
                          torch::Tensor w2, c10::optional<torch::Tensor> bias);
 void few_tokens_backward_(torch::Tensor g, torch::Tensor x, torch::Tensor w1, torch::Tensor w2,
                           torch::Tensor mid, c10::optional<torch::Tensor> gx,
                           c10::optional<torch::Tensor> gw1, c10::optional<torch::Tensor> gw2,
                           c10::optional<torch::Tensor> gbias);
-bool small_blocks_bf16_dot();
 void small_blocks_forward_dpbf16_(torch::Tensor y, torch::Tensor x, torch::Tensor w1p,
                                   torch::Tensor w2p, c10::optional<torch::Tensor> bias,
                                   c10::optional<torch::Tensor> mid);
@@ -28,10 +26,21 @@ void small_blocks_grad_x_dpbf16_(torch::Tensor gx, torch::Tensor gh, torch::Tens
                                  torch::Tensor w2g, torch::Tensor w1g);
 void small_blocks_grad_w2_dpbf16_(torch::Tensor gw2p, torch::Tensor g, torch::Tensor h,
                                   c10::optional<torch::Tensor> colsum);
-bool weight_grad_bf16_dot();
 void weight_grad_dpbf16_(torch::Tensor c, torch::Tensor a, torch::Tensor bm, bool accumulate);
 
+// Whether the kernels were built with the CPU's bf16 dot products (AVX512-BF16): the
+// *_dpbf16_ kernels exist and the few-token bf16 forward multiplies pairs; every
+// source is compiled with the same flags.
+bool bf16_dot() {
+#if defined(__AVX512BF16__)
+  return true;
+#else
+  return false;
+#endif
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("bf16_dot", &bf16_dot, "whether the kernels use AVX512-BF16 dot products");
   m.doc() = "Monarch multiply CPU kernels: the stride permutations, small-block and few-token multiplies, bf16 weight gradients";
   m.def("interleave_", &interleave_, "dst[i,j,e,v] = src[i,j,v,e] (+ bias[e*l+v])",
         py::arg("dst"), py::arg("src"), py::arg("bias") = py::none());
@@ -49,8 +58,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "adds the weight gradients of the small-block multiply (small_blocks.cpp)",
         py::arg("gw1t"), py::arg("gw2p"), py::arg("x"), py::arg("gh"), py::arg("g"), py::arg("h"),
         py::arg("k"), py::arg("l"));
-  m.def("small_blocks_bf16_dot", &small_blocks_bf16_dot,
-        "whether small_blocks_forward_dpbf16_ was built (AVX512-BF16)");
   m.def("small_blocks_forward_dpbf16_", &small_blocks_forward_dpbf16_,
         "bf16 small-block forward with bf16 dot products (small_blocks_dpbf16.cpp)", py::arg("y"),
         py::arg("x"), py::arg("w1p"), py::arg("w2p"), py::arg("bias") = py::none(),
@@ -62,13 +69,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "w2's gradient (s, r, l) of the bf16 small-block multiply, and g's column sums "
         "(small_blocks_dpbf16.cpp)",
         py::arg("gw2p"), py::arg("g"), py::arg("h"), py::arg("colsum") = py::none());
-  m.def("weight_grad_bf16_dot", &weight_grad_bf16_dot,
-        "whether weight_grad_dpbf16_ was built (AVX512-BF16)");
   m.def("weight_grad_dpbf16_", &weight_grad_dpbf16_,
         "c[b] (= or +=) a[b]^T bm[b], bf16 in, float32 sums (weight_grad_dpbf16.cpp)",
         py::arg("c"), py::arg("a"), py::arg("bm"), py::arg("accumulate"));
-  m.def("few_tokens_bf16_dot", &few_tokens_bf16_dot,
-        "whether the few-token bf16 forward uses AVX512-BF16 dot products");
   m.def("few_tokens_forward_", &few_tokens_forward_,
         "y = x M^T (+ bias) for up to 16 tokens, mid receives the middle (few_tokens.cpp)",
         py::arg("y"), py::arg("mid"), py::arg("x"), py::arg("w1"), py::arg("w2"),

@@ -24,6 +24,7 @@
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 
+#include "bf16_pairs.h"
 #include "partials.h"
 
 #include <algorithm>
@@ -84,17 +85,10 @@ void first_factor(const uint16_t* x, int64_t ldx, const uint16_t* w1p, int64_t K
   }
 }
 
-// lane i of a packed vector takes element i/2 of the low half (even i) or of the high
-// half (odd i) of its source: the pairs (u, u+1) of one v side by side
-alignas(64) constexpr uint16_t kPairOrder[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5,
-                                                 21, 6, 22, 7, 23, 8, 24, 9, 25, 10, 26,
-                                                 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-
 // hp[t, u/2, v, 2] = bf16(h[t, u*L + v]) for NT rows of h (float32, rows ldh apart);
 // an odd last u pairs with zero.
 template <int NT>
 void pack_middle(const float* h, int64_t ldh, int64_t U, int64_t L, uint16_t* hp, int64_t ldp) {
-  const __m512i idx = _mm512_load_si512(kPairOrder);
   for (int t = 0; t < NT; ++t) {
     for (int64_t u = 0; u < U; u += 2) {
       for (int64_t v0 = 0; v0 < L; v0 += kLanes) {
@@ -102,8 +96,7 @@ void pack_middle(const float* h, int64_t ldh, int64_t U, int64_t L, uint16_t* hp
         const __m512 hi = u + 1 < U ? _mm512_loadu_ps(h + t * ldh + (u + 1) * L + v0)
                                     : _mm512_setzero_ps();
         const __m512i both = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
-        _mm512_storeu_si512(hp + t * ldp + (u / 2 * L + v0) * 2,
-                            _mm512_permutexvar_epi16(idx, both));
+        _mm512_storeu_si512(hp + t * ldp + (u / 2 * L + v0) * 2, bf16_pairs::interleave(both));
       }
     }
   }
@@ -114,17 +107,13 @@ void pack_middle(const float* h, int64_t ldh, int64_t U, int64_t L, uint16_t* hp
 template <int NT>
 void pack_rows_bf16(const uint16_t* g, int64_t ldg, int64_t S, int64_t L, uint16_t* gp,
                     int64_t ldp) {
-  const __m512i idx = _mm512_load_si512(kPairOrder);
   for (int t = 0; t < NT; ++t) {
     for (int64_t e = 0; e < S; e += 2) {
-      for (int64_t v0 = 0; v0 < L; v0 += kLanes) {
-        const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g + t * ldg + e * L + v0));
-        const __m256i hi = e + 1 < S ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
-                                           g + t * ldg + (e + 1) * L + v0))
-                                     : _mm256_setzero_si256();
-        const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-        _mm512_storeu_si512(gp + t * ldp + (e / 2 * L + v0) * 2, _mm512_permutexvar_epi16(idx, both));
-      }
+      const uint16_t* first = g + t * ldg + e * L;
+      const uint16_t* second = e + 1 < S ? first + L : nullptr;
+      for (int64_t v0 = 0; v0 < L; v0 += kLanes)
+        _mm512_storeu_si512(gp + t * ldp + (e / 2 * L + v0) * 2,
+                            bf16_pairs::pairs16(first + v0, second ? second + v0 : nullptr));
     }
   }
 }
@@ -207,29 +196,6 @@ void grad_tile(const uint16_t* g, int64_t ldg, const uint16_t* w2g, const uint16
 // sums (the bias gradient) are taken while its rows are packed.
 constexpr int kPairTile = 32;  // token pairs per tile: both packed tiles in L2
 
-// P[tp][c][2] = (src[2tp][c], src[2tp+1][c]) for c < ncols (a multiple of 16); rows
-// of src lds apart, nt of them; with sum, adds every row into sum[c] (float32).
-void pack_token_pairs(const uint16_t* src, int64_t lds, int64_t ncols, int64_t nt,
-                      uint16_t* p, int64_t ldp, float* sum) {
-  const __m512i idx = _mm512_load_si512(kPairOrder);
-  for (int64_t tp = 0; tp < (nt + 1) / 2; ++tp) {
-    const uint16_t* r0 = src + 2 * tp * lds;
-    const bool second = 2 * tp + 1 < nt;
-    for (int64_t c = 0; c < ncols; c += kLanes) {
-      const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + c));
-      const __m256i hi = second ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + lds + c))
-                                : _mm256_setzero_si256();
-      _mm512_storeu_si512(p + tp * ldp + 2 * c,
-                          _mm512_permutexvar_epi16(idx, _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)));
-      if (sum != nullptr) {  // bf16 -> float32 is a shift into the high half
-        const __m512 a = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(lo), 16));
-        const __m512 b = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
-        _mm512_storeu_ps(sum + c, _mm512_add_ps(_mm512_loadu_ps(sum + c), _mm512_add_ps(a, b)));
-      }
-    }
-  }
-}
-
 // acc[e, u, v0..v0+16) += sum over the pairs of gp[., e*L + v0..] . hp[., u*L + v0..]
 // for EB values of e and UB of u.
 template <int EB, int UB>
@@ -269,8 +235,6 @@ void over_tiles(int64_t n, const MakeScratch& make_scratch, const Run& run) {
 }
 
 }  // namespace
-
-bool small_blocks_bf16_dot() { return true; }
 
 // y = x M^T (+ bias) for bf16 x (N, k*p) and y (N, s*l) with rows contiguous;
 // w1p (k, p/2, q, 2) and w2p (s, ceil(r/2), l, 2) bf16 packed as above, bias float32;
@@ -423,9 +387,9 @@ void small_blocks_grad_w2_dpbf16_(torch::Tensor gw2p, torch::Tensor g, torch::Te
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t t0 = tile * 2 * kPairTile, nt = std::min<int64_t>(2 * kPairTile, n - t0);
       const int64_t pairs = (nt + 1) / 2;
-      pack_token_pairs(G + t0 * ldg, ldg, S * L, nt, gp.data(), ldp_g,
-                       cs != nullptr ? col.data() : nullptr);
-      pack_token_pairs(H + t0 * ldh, ldh, R * L, nt, hp.data(), ldp_h, nullptr);
+      bf16_pairs::pack_token_pairs(G + t0 * ldg, ldg, S * L, nt, gp.data(), ldp_g,
+                                   cs != nullptr ? col.data() : nullptr);
+      bf16_pairs::pack_token_pairs(H + t0 * ldh, ldh, R * L, nt, hp.data(), ldp_h);
       for (int64_t v0 = 0; v0 < L; v0 += kLanes) {
         int64_t e = 0;
         for (; e + 4 <= S; e += 4) {
@@ -450,9 +414,7 @@ void small_blocks_grad_w2_dpbf16_(torch::Tensor gw2p, torch::Tensor g, torch::Te
   if (cs != nullptr) columns.sum_into(cs);
 }
 
-#else  // no AVX512-BF16: callers check small_blocks_bf16_dot() first
-
-bool small_blocks_bf16_dot() { return false; }
+#else  // no AVX512-BF16: callers check bf16_dot() (module.cpp) first
 
 void small_blocks_forward_dpbf16_(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
                                   c10::optional<torch::Tensor>, c10::optional<torch::Tensor>) {

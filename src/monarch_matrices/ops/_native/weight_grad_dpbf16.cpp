@@ -27,6 +27,8 @@
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 
+#include "bf16_pairs.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -48,51 +50,17 @@ constexpr int64_t kSmallSums = 512 * 1024;
 
 inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh>(v); }
 
-// The lanes of two rows' 32 columns, interleaved: r0[0], r1[0], r0[1], r1[1], ...
-alignas(64) constexpr uint16_t kLow[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,
-                                           37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
-                                           11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-alignas(64) constexpr uint16_t kHigh[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21,
-                                            53, 22, 54, 23, 55, 24, 56, 25, 57, 26, 58,
-                                            27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
-
-// Columns c0..c0+31 of rows r0 and r1 (r1 null: zeros; columns past ncols: zeros) as
-// pairs: lo holds columns c0..c0+15, hi c0+16..c0+31.
-inline void pair_rows(const uint16_t* r0, const uint16_t* r1, int64_t c0, int64_t ncols,
-                      __m512i& lo, __m512i& hi) {
-  const int64_t left = ncols - c0;
-  const __mmask32 mask = left >= 32 ? ~__mmask32(0) : (__mmask32(1) << left) - 1;
-  const __m512i a = _mm512_maskz_loadu_epi16(mask, r0 + c0);
-  const __m512i b = r1 != nullptr ? _mm512_maskz_loadu_epi16(mask, r1 + c0) : _mm512_setzero_si512();
-  lo = _mm512_permutex2var_epi16(a, _mm512_load_si512(kLow), b);
-  hi = _mm512_permutex2var_epi16(a, _mm512_load_si512(kHigh), b);
-}
-
-// p[tp][c][2] = (src[2tp][c], src[2tp+1][c]) for tokens 0..nt of src (rows lds apart),
-// columns padded to a multiple of 32 with zeros; pair-rows ldp elements apart.
-void pack_rows(const uint16_t* src, int64_t lds, int64_t ncols, int64_t nt, uint16_t* p,
-               int64_t ldp) {
-  for (int64_t tp = 0; tp < (nt + 1) / 2; ++tp) {
-    const uint16_t* r0 = src + 2 * tp * lds;
-    const uint16_t* r1 = 2 * tp + 1 < nt ? r0 + lds : nullptr;
-    for (int64_t c0 = 0; c0 < ncols; c0 += 32) {
-      __m512i lo, hi;
-      pair_rows(r0, r1, c0, ncols, lo, hi);
-      _mm512_storeu_si512(p + tp * ldp + 2 * c0, lo);
-      _mm512_storeu_si512(p + tp * ldp + 2 * c0 + 32, hi);
-    }
-  }
-}
-
-// p[js][tp][32][2]: the same pairs cut into strips of 32 columns, each strip contiguous.
+// p[js][tp][32][2]: bf16_pairs::pack_token_pairs's pairs cut into strips of 32 columns,
+// each strip contiguous (zeros past ncols).
 void pack_strips(const uint16_t* src, int64_t lds, int64_t ncols, int64_t nt, uint16_t* p) {
   const int64_t pairs = (nt + 1) / 2, strips = (ncols + kNR - 1) / kNR;
   for (int64_t tp = 0; tp < pairs; ++tp) {
     const uint16_t* r0 = src + 2 * tp * lds;
     const uint16_t* r1 = 2 * tp + 1 < nt ? r0 + lds : nullptr;
     for (int64_t js = 0; js < strips; ++js) {
+      const int64_t c = js * kNR;
       __m512i lo, hi;
-      pair_rows(r0, r1, js * kNR, ncols, lo, hi);
+      bf16_pairs::pairs32(r0 + c, r1 ? r1 + c : nullptr, ncols - c, lo, hi);
       uint16_t* dst = p + (js * pairs + tp) * 2 * kNR;
       _mm512_store_si512(dst, lo);
       _mm512_store_si512(dst + 32, hi);
@@ -139,8 +107,6 @@ inline __mmask16 lane_mask(int64_t left) {
 
 }  // namespace
 
-bool weight_grad_bf16_dot() { return true; }
-
 void weight_grad_dpbf16_(torch::Tensor c, torch::Tensor a, torch::Tensor bm, bool accumulate) {
   auto bf16_cpu = [](const torch::Tensor& t) {
     return t.device().is_cpu() && t.scalar_type() == at::kBFloat16 && t.dim() == 3 &&
@@ -184,8 +150,8 @@ void weight_grad_dpbf16_(torch::Tensor c, torch::Tensor a, torch::Tensor bm, boo
       const int64_t blk = item / groups;
       const int64_t js0 = item % groups * per_item, js1 = std::min(strips, js0 + per_item);
       const int64_t nt = std::min(kKC, T - t0), pairs = (nt + 1) / 2;
-      pack_rows(A + blk * a.stride(0) + t0 * a.stride(1), a.stride(1), M, nt, a_pack.data(),
-                2 * lda);
+      bf16_pairs::pack_token_pairs(A + blk * a.stride(0) + t0 * a.stride(1), a.stride(1), M,
+                                   nt, a_pack.data(), 2 * lda);
       pack_strips(B + blk * bm.stride(0) + t0 * bm.stride(1) + js0 * kNR, bm.stride(1),
                   std::min(N, js1 * kNR) - js0 * kNR, nt, b_pack);
       float* cb = C + blk * c.stride(0);
@@ -216,9 +182,7 @@ void weight_grad_dpbf16_(torch::Tensor c, torch::Tensor a, torch::Tensor bm, boo
   });
 }
 
-#else  // no AVX512-BF16: callers check weight_grad_bf16_dot() first
-
-bool weight_grad_bf16_dot() { return false; }
+#else  // no AVX512-BF16: callers check bf16_dot() (module.cpp) first
 
 void weight_grad_dpbf16_(torch::Tensor, torch::Tensor, torch::Tensor, bool) {
   TORCH_CHECK(false, "weight_grad_dpbf16_: built without AVX512-BF16");
