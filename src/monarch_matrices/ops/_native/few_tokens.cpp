@@ -28,7 +28,7 @@
 
 #include <ATen/Parallel.h>
 
-#include "vec16.h"
+#include "vec.h"
 
 #include <algorithm>
 #if defined(__AVX512BF16__)
@@ -41,7 +41,7 @@
 
 namespace {
 
-using namespace vec16;
+using namespace vec;
 constexpr int kGroup = 8;  // tokens whose accumulators stay in registers
 constexpr int64_t kMaxTokens = 16;
 
@@ -62,11 +62,11 @@ struct Lane<float> {
 template <>
 struct Lane<vf> {
   static constexpr int width = kLanes;
-  static vf load(const float* p) { return vec16::load(p); }
-  static vf load(const uint16_t* p) { return vec16::load(p); }
-  static void store(float* p, vf v) { vec16::store(p, v); }
-  static void store(uint16_t* p, vf v) { vec16::store(p, v); }
-  static vf splat(float s) { return vec16::splat(s); }
+  static vf load(const float* p) { return vec::load(p); }
+  static vf load(const uint16_t* p) { return vec::load(p); }
+  static void store(float* p, vf v) { vec::store(p, v); }
+  static void store(uint16_t* p, vf v) { vec::store(p, v); }
+  static vf splat(float s) { return vec::splat(s); }
 };
 
 // Calls f(std::integral_constant<int, n>) for a runtime 1 <= n <= N: the token
@@ -83,20 +83,8 @@ inline void with_tokens(int64_t n, F&& f) {
   }
 }
 
+using vec::lane_sum;  // for vectors
 inline float lane_sum(float v) { return v; }
-inline float lane_sum(vf v) {  // halves added as a tree: a fixed order, so equal bits
-  typedef float v8 __attribute__((vector_size(8 * sizeof(float))));
-  typedef float v4 __attribute__((vector_size(4 * sizeof(float))));
-  v8 a, b;
-  std::memcpy(&a, &v, sizeof a);
-  std::memcpy(&b, reinterpret_cast<const char*>(&v) + sizeof a, sizeof b);
-  const v8 s8 = a + b;
-  v4 c, d;
-  std::memcpy(&c, &s8, sizeof c);
-  std::memcpy(&d, reinterpret_cast<const char*>(&s8) + sizeof c, sizeof d);
-  const v4 s4 = c + d;
-  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
-}
 
 // out[i] = sum_j w[j] * in[i*ld + j] for NT rows of `in` (float32), j < width.
 // With one or two rows, U independent partial sums per row hide the FMA latency.

@@ -3,8 +3,8 @@
 // With blocks of 32 (the sqrt(n) Monarch of a 1024-wide layer) each of the two
 // batched GEMMs has inner and outer dims of 32: MKL/oneDNN run those at a tenth
 // of their large-GEMM speed, and the two stride permutations cost as much again.
-// Here both factors are register-blocked loops over a tile of 8 tokens, vectors
-// of 16 floats wide, with the middle activation of the tile kept in L1:
+// Here both factors are register-blocked loops over a tile of 8 tokens (6 with
+// AVX2), vectors one register wide, with the middle activation of the tile in L1:
 //
 //   first factor, vectors along a block's outputs c:
 //     h[t, a*q + c]   = sum_j x[t, a*p + j] * w1t[a, j, c]
@@ -29,7 +29,7 @@
 #include <ATen/Parallel.h>
 
 #include "partials.h"
-#include "vec16.h"
+#include "vec.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -39,12 +39,20 @@
 
 namespace {
 
-using namespace vec16;
-constexpr int kTile = 8;  // tokens per register block
+using namespace vec;
+// The layout contract: q and l (and p for grad x) are multiples of this, on every
+// machine, so the Python side's LANES never depends on the build.
+constexpr int64_t kMultiple = 16;
+static_assert(kMultiple % kLanes == 0, "vectors must divide the layout multiple");
+// Register tiles: tokens per block x kCols vectors of accumulators, 8 x 2 of
+// AVX-512's 32 registers, 6 x 2 of AVX2's 16 (with the two weight vectors and a
+// broadcast, 15).
+constexpr int kTile = kRegisters >= 32 ? 8 : 6;
+constexpr int kCols = 2;
 
 // Rows of a tile buffer are this many floats longer than their data: rows 4 KiB
 // apart (1024 floats) would all map onto the same L1 sets.
-constexpr int64_t kPad = kLanes;
+constexpr int64_t kPad = 16;  // a cache line
 
 inline int64_t padded(int64_t width) { return width + kPad; }
 
@@ -107,24 +115,22 @@ struct BlockStage {
       const float* ia = in + a * P;
       float* oa = out + a * Q;
       int64_t c0 = 0;
-      for (; c0 + 2 * kLanes <= Q; c0 += 2 * kLanes) {
-        vf acc[NT][2] = {};
+      for (; c0 + kCols * kLanes <= Q; c0 += kCols * kLanes) {
+        vf acc[NT][kCols] = {};
         for (int64_t j = 0; j < P; ++j) {
-          const vf b0 = load(w + j * Q + c0), b1 = load(w + j * Q + c0 + kLanes);
+          vf b[kCols];
+          for (int i = 0; i < kCols; ++i) b[i] = load(w + j * Q + c0 + i * kLanes);
 #pragma GCC unroll 8
           for (int t = 0; t < NT; ++t) {
             const vf xs = splat(ia[t * ldi + j]);
-            acc[t][0] += xs * b0;
-            acc[t][1] += xs * b1;
+            for (int i = 0; i < kCols; ++i) acc[t][i] += xs * b[i];
           }
         }
 #pragma GCC unroll 8
-        for (int t = 0; t < NT; ++t) {
-          store(oa + t * ldo + c0, acc[t][0]);
-          store(oa + t * ldo + c0 + kLanes, acc[t][1]);
-        }
+        for (int t = 0; t < NT; ++t)
+          for (int i = 0; i < kCols; ++i) store(oa + t * ldo + c0 + i * kLanes, acc[t][i]);
       }
-      for (; c0 < Q; c0 += kLanes) {
+      for (; c0 < Q; c0 += kLanes) {  // a last vector
         vf acc[NT] = {};
         for (int64_t j = 0; j < P; ++j) {
           const vf b0 = load(w + j * Q + c0);
@@ -139,8 +145,10 @@ struct BlockStage {
 };
 
 // out[t, e*L + v] = sum_u in[t, u*L + v] * W[e, u, v] (+ bias[e*L + v]) for e < E,
-// u < U: vectors along v (L % 16 == 0), e in pairs. Forward's second factor
-// (W[e, u, v] = w2[v, e, u]); backward's grad h (W[u, e, v] = w2[v, e, u]).
+// u < U: vectors along v (L % 16 == 0), kCols outputs e at once. Forward's second
+// factor (W[e, u, v] = w2[v, e, u]); backward's grad h (W[u, e, v] = w2[v, e, u]).
+// (With AVX2, blocks of 2 tokens x 4 outputs, which load fewer vectors per FMA,
+// ran no faster on Zen 1.)
 struct StridedStage {
   const float* W;
   const float* bias;  // or null
@@ -152,33 +160,31 @@ struct StridedStage {
   template <int NT, typename TO>
   void emit(const float* in, int64_t ldi, TO* out, int64_t ldo, float* /*tmp*/) const {
     for (int64_t v0 = 0; v0 < L; v0 += kLanes) {
-      for (int64_t e = 0; e < E; e += 2) {
-        const bool pair = e + 1 < E;
-        const float* w0 = W + e * U * L + v0;
-        const float* w1 = pair ? w0 + U * L : w0;
-        vf acc[NT][2] = {};
+      for (int64_t e = 0; e < E; e += kCols) {
+        const int ne = static_cast<int>(std::min<int64_t>(kCols, E - e));
+        const float* w[kCols];  // a missing last e reads the one before and is not stored
+        for (int i = 0; i < kCols; ++i) w[i] = W + (e + std::min(i, ne - 1)) * U * L + v0;
+        vf acc[NT][kCols] = {};
         for (int64_t u = 0; u < U; ++u) {
-          const vf b0 = load(w0 + u * L), b1 = load(w1 + u * L);
+          vf b[kCols];
+          for (int i = 0; i < kCols; ++i) b[i] = load(w[i] + u * L);
 #pragma GCC unroll 8
           for (int t = 0; t < NT; ++t) {
             const vf hv = load(in + t * ldi + u * L + v0);
-            acc[t][0] += hv * b0;
-            acc[t][1] += hv * b1;
+            for (int i = 0; i < kCols; ++i) acc[t][i] += hv * b[i];
           }
         }
-        const vf bias0 = bias ? load(bias + e * L + v0) : vf{};
-        const vf bias1 = bias && pair ? load(bias + (e + 1) * L + v0) : vf{};
+        for (int i = 0; i < ne; ++i) {
+          const vf bi = bias ? load(bias + (e + i) * L + v0) : vf{};
 #pragma GCC unroll 8
-        for (int t = 0; t < NT; ++t) {
-          store(out + t * ldo + e * L + v0, acc[t][0] + bias0);
-          if (pair) store(out + t * ldo + (e + 1) * L + v0, acc[t][1] + bias1);
+          for (int t = 0; t < NT; ++t) store(out + t * ldo + (e + i) * L + v0, acc[t][i] + bi);
         }
       }
     }
   }
 };
 
-// A tile of 8 tokens at a time through two stages, the middle activation of the
+// A tile of kTile tokens at a time through two stages, the middle activation of the
 // tile in L1; `mid_out` (or null) keeps it, in T, rows out_width() of s1 long.
 // Forward: block stage, then strided stage. grad x: strided stage (grad y ->
 // grad h, kept), then block stage.
@@ -215,27 +221,43 @@ void two_stages(T* out, int64_t ldo, const T* in, int64_t ldi, int64_t n, const 
 
 constexpr int kSumTile = 32;  // tokens whose rows the weight-gradient pass keeps in L2
 
-// acc[a, j, c0..c0+32) += sum_t x[t, a*p + j] * gh[t, a*q + c0..]: JB rows of j at once.
-template <int JB>
+// Register blocks of the weight gradients (see kTile): rows j of w1's gradient at
+// once (each kCols vectors: 16 or 12 accumulators), and e x u of w2's (16 or 8,
+// with the e + u vectors they multiply).
+constexpr int kRowsW1 = kRegisters >= 32 ? 8 : 6;
+constexpr int kEW2 = kRegisters >= 32 ? 4 : 2, kUW2 = 4;
+
+// acc[a, j, c0..c0+kLanes*NV) += sum_t x[t, a*p + j] * gh[t, a*q + c0..]: JB rows of j at once.
+template <int JB, int NV>
 inline void sum_w1_block(const float* x, int64_t ldx, const float* gh, int64_t ldgh, int64_t nt,
-                         float* acc, int64_t q, int nv) {
-  vf a[JB][2] = {};
+                         float* acc, int64_t q) {
+  vf a[JB][NV];
   for (int i = 0; i < JB; ++i)
-    for (int c = 0; c < nv; ++c) a[i][c] = load(acc + i * q + c * kLanes);
+    for (int c = 0; c < NV; ++c) a[i][c] = load(acc + i * q + c * kLanes);
   for (int64_t t = 0; t < nt; ++t) {
-    const vf g0 = load(gh + t * ldgh), g1 = nv == 2 ? load(gh + t * ldgh + kLanes) : vf{};
+    vf g[NV];
+    for (int c = 0; c < NV; ++c) g[c] = load(gh + t * ldgh + c * kLanes);
 #pragma GCC unroll 8
     for (int i = 0; i < JB; ++i) {
       const vf xs = splat(x[t * ldx + i]);
-      a[i][0] += xs * g0;
-      a[i][1] += xs * g1;
+      for (int c = 0; c < NV; ++c) a[i][c] += xs * g[c];
     }
   }
   for (int i = 0; i < JB; ++i)
-    for (int c = 0; c < nv; ++c) store(acc + i * q + c * kLanes, a[i][c]);
+    for (int c = 0; c < NV; ++c) store(acc + i * q + c * kLanes, a[i][c]);
 }
 
-// acc[e, u, v0..v0+16) += sum_t g[t, e*l + v0..] * h[t, u*l + v0..]: EB x UB at once.
+// sum_w1_block over the rows j < p, kRowsW1 at a time.
+template <int NV>
+inline void sum_w1_rows(const float* x, int64_t ldx, const float* gh, int64_t ldgh, int64_t nt,
+                        float* acc, int64_t q, int64_t p) {
+  int64_t j = 0;
+  for (; j + kRowsW1 <= p; j += kRowsW1)
+    sum_w1_block<kRowsW1, NV>(x + j, ldx, gh, ldgh, nt, acc + j * q, q);
+  for (; j < p; ++j) sum_w1_block<1, NV>(x + j, ldx, gh, ldgh, nt, acc + j * q, q);
+}
+
+// acc[e, u, v0..v0+kLanes) += sum_t g[t, e*l + v0..] * h[t, u*l + v0..]: EB x UB at once.
 template <int EB, int UB>
 inline void sum_w2_block(const float* g, int64_t ldg, const float* h, int64_t ldh, int64_t nt,
                          float* acc, int64_t r, int64_t l) {
@@ -281,15 +303,14 @@ void grad_w_impl(float* gw1t, float* gw2p, const T* x, const T* gh, const T* g, 
         const float* xt = as_float(x + t0 * in_w, in_w, nt, in_w, xf.data(), &ldx);
         const float* ght = as_float(gh + t0 * mid_w, mid_w, nt, mid_w, ghf.data(), &ldgh);
         for (int64_t a = 0; a < d.k; ++a) {
-          for (int64_t c0 = 0; c0 < d.q; c0 += 2 * kLanes) {
-            const int nv = c0 + 2 * kLanes <= d.q ? 2 : 1;
+          for (int64_t c0 = 0; c0 < d.q; c0 += kCols * kLanes) {
             const float* xa = xt + a * d.p;
             const float* ga = ght + a * d.q + c0;
             float* acc = a1.data() + a * d.p * d.q + c0;
-            int64_t j = 0;
-            for (; j + 8 <= d.p; j += 8)
-              sum_w1_block<8>(xa + j, ldx, ga, ldgh, nt, acc + j * d.q, d.q, nv);
-            for (; j < d.p; ++j) sum_w1_block<1>(xa + j, ldx, ga, ldgh, nt, acc + j * d.q, d.q, nv);
+            if (c0 + kCols * kLanes <= d.q)
+              sum_w1_rows<kCols>(xa, ldx, ga, ldgh, nt, acc, d.q, d.p);
+            else  // a last vector
+              sum_w1_rows<1>(xa, ldx, ga, ldgh, nt, acc, d.q, d.p);
           }
         }
       }
@@ -299,14 +320,14 @@ void grad_w_impl(float* gw1t, float* gw2p, const T* x, const T* gh, const T* g, 
         const float* ht = as_float(h + t0 * mid_w, mid_w, nt, mid_w, hf.data(), &ldh);
         for (int64_t v0 = 0; v0 < d.l; v0 += kLanes) {
           int64_t e = 0;
-          for (; e + 4 <= d.s; e += 4) {
+          for (; e + kEW2 <= d.s; e += kEW2) {
             int64_t u = 0;
-            for (; u + 4 <= d.r; u += 4)
-              sum_w2_block<4, 4>(gt + e * d.l + v0, ldg, ht + u * d.l + v0, ldh, nt,
-                                 a2.data() + (e * d.r + u) * d.l + v0, d.r, d.l);
+            for (; u + kUW2 <= d.r; u += kUW2)
+              sum_w2_block<kEW2, kUW2>(gt + e * d.l + v0, ldg, ht + u * d.l + v0, ldh, nt,
+                                       a2.data() + (e * d.r + u) * d.l + v0, d.r, d.l);
             for (; u < d.r; ++u)
-              sum_w2_block<4, 1>(gt + e * d.l + v0, ldg, ht + u * d.l + v0, ldh, nt,
-                                 a2.data() + (e * d.r + u) * d.l + v0, d.r, d.l);
+              sum_w2_block<kEW2, 1>(gt + e * d.l + v0, ldg, ht + u * d.l + v0, ldh, nt,
+                                       a2.data() + (e * d.r + u) * d.l + v0, d.r, d.l);
           }
           for (; e < d.s; ++e)
             for (int64_t u = 0; u < d.r; ++u)
@@ -353,7 +374,7 @@ void small_blocks_forward_(torch::Tensor y, torch::Tensor x, torch::Tensor w1t,
   check_weights(w1t, w2p);
   const BlockStage s1{w1t.data_ptr<float>(), w1t.size(0), w1t.size(1), w1t.size(2)};
   const int64_t l = w2p.size(2), s = w2p.size(0), r = w2p.size(1);
-  TORCH_CHECK(s1.Q % kLanes == 0 && l % kLanes == 0,
+  TORCH_CHECK(s1.Q % kMultiple == 0 && l % kMultiple == 0,
               "small_blocks_forward_: q and l must be multiples of 16, got q=", s1.Q, ", l=", l);
   TORCH_CHECK(s1.K * s1.Q == l * r, "small_blocks_forward_: middle widths differ");
   TORCH_CHECK(x.size(1) == s1.K * s1.P && y.size(1) == s * l && y.size(0) == x.size(0),
@@ -389,7 +410,7 @@ void small_blocks_grad_x_(torch::Tensor gx, torch::Tensor gh, torch::Tensor g, t
   const int64_t r = w2q.size(0), s = w2q.size(1), l = w2q.size(2);
   TORCH_CHECK(g.scalar_type() == at::kFloat || g.scalar_type() == at::kBFloat16,
               "small_blocks_grad_x_: float32 or bfloat16 only");
-  TORCH_CHECK(p % kLanes == 0 && l % kLanes == 0 && k * q == l * r,
+  TORCH_CHECK(p % kMultiple == 0 && l % kMultiple == 0 && k * q == l * r,
               "small_blocks_grad_x_: p and l must be multiples of 16 and k*q == l*r");
   const int64_t n = g.size(0);
   check_activation(g, n, s * l, g.scalar_type(), "grad_y");
@@ -421,7 +442,7 @@ void small_blocks_grad_w_(c10::optional<torch::Tensor> gw1t, c10::optional<torch
                   h.size(1) % l == 0 && gh.size(1) == h.size(1),
               "small_blocks_grad_w_: widths do not fit k=", k, ", l=", l);
   const Dims d{k, gh.size(1) / k, x.size(1) / k, l, g.size(1) / l, h.size(1) / l};
-  TORCH_CHECK(d.q % kLanes == 0 && d.l % kLanes == 0,
+  TORCH_CHECK(d.q % kMultiple == 0 && d.l % kMultiple == 0,
               "small_blocks_grad_w_: q and l must be multiples of 16");
   const bool want1 = gw1t.has_value() && gw1t->defined();
   const bool want2 = gw2p.has_value() && gw2p->defined();
