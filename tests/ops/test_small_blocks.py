@@ -40,7 +40,7 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     (2, 48, 20, 32, 3, 3),     # three vectors of q, two of l
     (1, 16, 3, 16, 7, 1),
 ])
-@pytest.mark.parametrize("tokens", [1, 7, 8, 9, 203])  # whole tiles of 8 and ragged ones
+@pytest.mark.parametrize("tokens", [1, 6, 7, 8, 9, 203])  # tiles of 8 (6 with AVX2), ragged ones
 def test_kernel_matches_float64_reference(dtype, tol, shape, tokens):
     k, q, p, l, s, r = shape
     w1, w2, bias = _factors(*shape, seed=tokens)
@@ -206,6 +206,30 @@ def test_backward_kernels_refuse_bad_input():
         kernels.small_blocks_grad_w_(None, None, g, gh, g, gh, 3, 16)
     with pytest.raises(RuntimeError, match="gw1t must be"):
         kernels.small_blocks_grad_w_(torch.zeros(7), None, g, gh, g, gh, 2, 16)
+    with pytest.raises(RuntimeError, match="colsum must be a contiguous float64"):
+        kernels.small_blocks_grad_w_(None, None, g, gh, g, gh, 2, 16, torch.zeros(32))
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [0, 5, 70])  # none, part of a 32-token tile, three tiles
+def test_grad_w_kernel_sums_the_bias_gradient_in_float64(dtype, tokens):
+    """colsum gets grad y's column sums, alone or beside the factor gradients."""
+    k, q, p, l, s, r = 2, 16, 16, 16, 3, 2
+    gen = torch.Generator().manual_seed(tokens)
+    x, gh, h = (torch.randn(tokens, k * w, generator=gen).to(dtype) for w in (p, q, q))
+    g = (torch.randn(tokens, s * l, generator=gen) * 1e3).to(dtype)
+    want = g.double().sum(0)
+    for factors in (True, False):
+        gw1t = torch.zeros(k, p, q) if factors else None
+        gw2p = torch.zeros(s, r, l) if factors else None
+        colsum = torch.full((s * l,), 0.5, dtype=F64)  # added to, as the gradients are
+        native.kernels().small_blocks_grad_w_(gw1t, gw2p, x, gh, g, h, k, l, colsum)
+        torch.testing.assert_close(colsum, want + 0.5, rtol=1e-12, atol=1e-9)
+        if factors:
+            want_w1 = torch.einsum("tam,taj->ajm", gh.double().view(tokens, k, q),
+                                   x.double().view(tokens, k, p))
+            torch.testing.assert_close(gw1t.double(), want_w1, rtol=1e-4, atol=1e-4)
 
 
 @needs_kernels
@@ -266,7 +290,7 @@ needs_bf16_dot = pytest.mark.skipif(
     (2, 48, 20, 32, 3, 3),     # odd r: the last u pairs with zero; three vectors of q
     (1, 16, 2, 16, 7, 1),      # one pair of j, r = 1
 ])
-@pytest.mark.parametrize("tokens", [1, 7, 8, 9, 203])  # whole tiles of 8 and ragged ones
+@pytest.mark.parametrize("tokens", [1, 6, 7, 8, 9, 203])  # tiles of 8 (6 with AVX2), ragged ones
 def test_bf16_dot_kernel_matches_float64_reference(shape, tokens):
     k, q, p, l, s, r = shape
     w1, w2, bias = (t.bfloat16() for t in _factors(*shape, seed=tokens))

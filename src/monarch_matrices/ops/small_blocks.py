@@ -11,7 +11,8 @@ which the kernel computes in float32, 1.15-1.6x faster for blocks of 32 from 64
 tokens up and slower for wider blocks, where oneDNN's bf16 GEMMs win.  Hence
 the limits below.  Training runs the same way (:class:`_SmallBlocksMultiply`:
 backward is the two stages in the other order and one pass that sums both
-weight gradients), which also needs ``p`` to be a multiple of 16.  The bf16
+weight gradients and, in float64, the bias's), which also needs ``p`` to be a
+multiple of 16.  The bf16
 forward on CPUs with AVX512-BF16 takes ``_native/small_blocks_dpbf16.cpp``
 instead: the same tiles with pairs of bf16 products per instruction, the
 middle rounded to bf16 between the factors as the bf16 GEMMs round it; 1.7-2.1x
@@ -162,15 +163,18 @@ class _SmallBlocksMultiply(torch.autograd.Function):
         elif need_w1 or need_w2:
             gw1t = x.new_zeros(k, p, q, dtype=torch.float32) if need_w1 else None
             gw2p = x.new_zeros(s, r, l, dtype=torch.float32) if need_w2 else None
+            # the bias gradient too, in float64, while the kernel reads grad y
+            colsum = g.new_zeros(s * l, dtype=torch.float64) if need_bias else None
             # an (N, k·q) stand-in for whichever of grad h and h is not needed
             gh_or = mid if gh is None else gh
             kernels.small_blocks_grad_w_(gw1t, gw2p, x, gh_or, g, gh_or if mid is None else mid,
-                                         k, l)
+                                         k, l, colsum)
+            grad_bias = None if colsum is None else colsum.to(g.dtype)
             if need_w1:
                 grad_w1 = gw1t.transpose(1, 2).to(w1.dtype).contiguous()
             if need_w2:
                 grad_w2 = gw2p.permute(2, 0, 1).to(w2.dtype).contiguous()
-        if need_bias and grad_bias is None:  # (not summed with w2's gradient)
+        if need_bias and grad_bias is None:  # (no factor gradient wanted)
             grad_bias = g.sum(0, dtype=column_sum_dtype(g.dtype)).to(g.dtype)
         return grad_x, grad_w1, grad_w2, grad_bias
 

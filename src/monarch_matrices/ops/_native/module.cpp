@@ -12,7 +12,7 @@ void small_blocks_grad_x_(torch::Tensor gx, torch::Tensor gh, torch::Tensor g, t
                           torch::Tensor w1);
 void small_blocks_grad_w_(c10::optional<torch::Tensor> gw1t, c10::optional<torch::Tensor> gw2p,
                           torch::Tensor x, torch::Tensor gh, torch::Tensor g, torch::Tensor h,
-                          int64_t k, int64_t l);
+                          int64_t k, int64_t l, c10::optional<torch::Tensor> colsum);
 void few_tokens_forward_(torch::Tensor y, torch::Tensor mid, torch::Tensor x, torch::Tensor w1,
                          torch::Tensor w2, c10::optional<torch::Tensor> bias);
 void few_tokens_backward_(torch::Tensor g, torch::Tensor x, torch::Tensor w1, torch::Tensor w2,
@@ -55,9 +55,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "grad_x and grad_h of the small-block multiply (small_blocks.cpp)", py::arg("gx"),
         py::arg("gh"), py::arg("g"), py::arg("w2q"), py::arg("w1"));
   m.def("small_blocks_grad_w_", &small_blocks_grad_w_,
-        "adds the weight gradients of the small-block multiply (small_blocks.cpp)",
+        "adds the weight (and bias) gradients of the small-block multiply (small_blocks.cpp)",
         py::arg("gw1t"), py::arg("gw2p"), py::arg("x"), py::arg("gh"), py::arg("g"), py::arg("h"),
-        py::arg("k"), py::arg("l"));
+        py::arg("k"), py::arg("l"), py::arg("colsum") = py::none());
   m.def("small_blocks_forward_dpbf16_", &small_blocks_forward_dpbf16_,
         "bf16 small-block forward with bf16 dot products (small_blocks_dpbf16.cpp)", py::arg("y"),
         py::arg("x"), py::arg("w1p"), py::arg("w2p"), py::arg("bias") = py::none(),

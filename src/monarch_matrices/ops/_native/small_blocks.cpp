@@ -280,21 +280,26 @@ struct Dims {
   int64_t k, q, p, l, s, r;
 };
 
-// gw1t[a, j, c] += sum_t x[t, a*p + j] gh[t, a*q + c];  gw2p[e, u, v] += sum_t g[t, e*l + v] h[t, u*l + v]
+// gw1t[a, j, c] += sum_t x[t, a*p + j] gh[t, a*q + c];  gw2p[e, u, v] += sum_t g[t, e*l + v] h[t, u*l + v];
+// colsum[i] += sum_t g[t, i] (the bias gradient, in float64, while g's tile is in cache:
+// a separate float64 sum of grad y cost 15% of a float32 sqrt(n) training step)
 template <typename T>
-void grad_w_impl(float* gw1t, float* gw2p, const T* x, const T* gh, const T* g, const T* h,
-                 int64_t n, const Dims& d) {
+void grad_w_impl(float* gw1t, float* gw2p, double* colsum, const T* x, const T* gh, const T* g,
+                 const T* h, int64_t n, const Dims& d) {
   const int64_t in_w = d.k * d.p, mid_w = d.k * d.q, out_w = d.s * d.l;
   const int64_t n1 = gw1t ? d.k * d.p * d.q : 0, n2 = gw2p ? d.s * d.r * d.l : 0;
+  const int64_t n3 = colsum ? out_w : 0;
   const int64_t tiles = (n + kSumTile - 1) / kSumTile;
   OrderedPartials<float> partials1, partials2;  // added in task order: equal runs, equal bits
+  OrderedPartials<double> partials3;
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> a1(n1, 0.f), a2(n2, 0.f);
+    std::vector<double> a3(n3, 0.0);
     // bf16 tiles converted into buffers with padded rows (see kPad); float32 read in
     // place (copying it to padded rows cost more than it saved: 0.88x)
     std::vector<float> xf(gw1t ? kSumTile * padded(in_w) : 0);
     std::vector<float> ghf(gw1t ? kSumTile * padded(mid_w) : 0);
-    std::vector<float> gf(gw2p ? kSumTile * padded(out_w) : 0);
+    std::vector<float> gf(gw2p || colsum ? kSumTile * padded(out_w) : 0);
     std::vector<float> hf(gw2p ? kSumTile * padded(mid_w) : 0);
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t t0 = tile * kSumTile, nt = std::min<int64_t>(kSumTile, n - t0);
@@ -314,9 +319,12 @@ void grad_w_impl(float* gw1t, float* gw2p, const T* x, const T* gh, const T* g, 
           }
         }
       }
-      if (gw2p) {
+      if (colsum || gw2p) {
         int64_t ldg, ldh;
         const float* gt = as_float(g + t0 * out_w, out_w, nt, out_w, gf.data(), &ldg);
+        for (int64_t t = 0; colsum && t < nt; ++t)
+          for (int64_t i = 0; i < out_w; ++i) a3[i] += gt[t * ldg + i];
+        if (!gw2p) continue;
         const float* ht = as_float(h + t0 * mid_w, mid_w, nt, mid_w, hf.data(), &ldh);
         for (int64_t v0 = 0; v0 < d.l; v0 += kLanes) {
           int64_t e = 0;
@@ -338,9 +346,11 @@ void grad_w_impl(float* gw1t, float* gw2p, const T* x, const T* gh, const T* g, 
     }
     if (gw1t) partials1.add(begin, std::move(a1));
     if (gw2p) partials2.add(begin, std::move(a2));
+    if (colsum) partials3.add(begin, std::move(a3));
   });
   if (gw1t) partials1.sum_into(gw1t);
   if (gw2p) partials2.sum_into(gw2p);
+  if (colsum) partials3.sum_into(colsum);
 }
 
 void check_activation(const torch::Tensor& t, int64_t rows, int64_t cols, at::ScalarType type,
@@ -429,11 +439,12 @@ void small_blocks_grad_x_(torch::Tensor gx, torch::Tensor gh, torch::Tensor g, t
 }
 
 // Adds the weight gradients summed over the tokens to gw1t (k, p, q) and gw2p
-// (s, r, l), float32 (either may be undefined: not wanted), from x (N, k*p),
-// grad_h (N, k*q), grad_y (N, s*l) and the middle activation h (N, k*q).
+// (s, r, l), float32, and grad_y's column sums to colsum (s*l), float64 (each may
+// be undefined: not wanted), from x (N, k*p), grad_h (N, k*q), grad_y (N, s*l) and
+// the middle activation h (N, k*q).
 void small_blocks_grad_w_(c10::optional<torch::Tensor> gw1t, c10::optional<torch::Tensor> gw2p,
                           torch::Tensor x, torch::Tensor gh, torch::Tensor g, torch::Tensor h,
-                          int64_t k, int64_t l) {
+                          int64_t k, int64_t l, c10::optional<torch::Tensor> colsum) {
   const auto type = x.scalar_type();
   TORCH_CHECK(type == at::kFloat || type == at::kBFloat16,
               "small_blocks_grad_w_: float32 or bfloat16 only");
@@ -460,14 +471,20 @@ void small_blocks_grad_w_(c10::optional<torch::Tensor> gw1t, c10::optional<torch
                     gw2p->scalar_type() == at::kFloat &&
                     gw2p->numel() == d.s * d.r * d.l,
                 "small_blocks_grad_w_: gw2p must be a contiguous float32 CPU (s, r, l)");
-  if (n == 0 || !(want1 || want2)) return;
+  const bool want3 = colsum.has_value() && colsum->defined();
+  if (want3)
+    TORCH_CHECK(colsum->device().is_cpu() && colsum->is_contiguous() &&
+                    colsum->scalar_type() == at::kDouble && colsum->numel() == d.s * d.l,
+                "small_blocks_grad_w_: colsum must be a contiguous float64 CPU (s*l)");
+  if (n == 0 || !(want1 || want2 || want3)) return;
   float* p1 = want1 ? gw1t->data_ptr<float>() : nullptr;
   float* p2 = want2 ? gw2p->data_ptr<float>() : nullptr;
+  double* p3 = want3 ? colsum->data_ptr<double>() : nullptr;
   if (type == at::kFloat) {
-    grad_w_impl<float>(p1, p2, x.data_ptr<float>(), gh.data_ptr<float>(), g.data_ptr<float>(),
+    grad_w_impl<float>(p1, p2, p3, x.data_ptr<float>(), gh.data_ptr<float>(), g.data_ptr<float>(),
                        h.data_ptr<float>(), n, d);
   } else {
     auto ptr = [](const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); };
-    grad_w_impl<uint16_t>(p1, p2, ptr(x), ptr(gh), ptr(g), ptr(h), n, d);
+    grad_w_impl<uint16_t>(p1, p2, p3, ptr(x), ptr(gh), ptr(g), ptr(h), n, d);
   }
 }
