@@ -396,3 +396,45 @@ def test_low_precision_factor_gradients_are_summed_over_chunks_in_float32(
         for mine, theirs, want in zip(ours, one_gemm, exact):
             err, ref = (mine - want).norm() / want.norm(), (theirs - want).norm() / want.norm()
             assert err <= 1.25 * ref, (lowrank, float(err), float(ref))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens", [5, 300])  # the plain path and the chunked one
+@pytest.mark.parametrize("lowrank", [False, True])
+def test_slow_low_precision_gemm_runs_in_float32_and_rounds_once(monkeypatch, dtype, tokens,
+                                                                 lowrank):
+    """Where the CPU has no fast bf16/fp16 GEMM the multiply runs in float32: its output
+    is the float32 result rounded once, and gradients come back in the inputs' dtype."""
+    monkeypatch.setattr(multiply_module, "_fast_cpu_gemm", lambda dtype: False)
+    gen = torch.Generator().manual_seed(tokens)
+    k, q, p, l, s, r = 3, 10, 7, 5, 4, 6  # awkward: nothing a multiple of anything
+    w1 = torch.randn(k, q, p, generator=gen).to(dtype).requires_grad_()
+    w2 = torch.randn(l, s, r, generator=gen).to(dtype).requires_grad_()
+    bias = torch.randn(s * l, generator=gen).to(dtype).requires_grad_()
+    x = torch.randn(2, tokens, k * p, generator=gen).to(dtype).requires_grad_()
+    lr = None
+    if lowrank:
+        lr = (torch.randn(2, k * p, generator=gen).to(dtype).requires_grad_(),
+              torch.randn(s * l, 2, generator=gen).to(dtype).requires_grad_())
+    leaves = [x, w1, w2, bias, *(lr or ())]
+    assert multiply_module.slow_low_precision_gemm(x.detach())
+    y = monarch_multiply(x, w1, w2, bias, lowrank=lr)
+    f32 = [t.detach().float().requires_grad_() for t in leaves]
+    want = monarch_multiply(*f32[:4], lowrank=None if lr is None else (f32[4], f32[5]))
+    assert y.dtype == dtype and torch.equal(y, want.to(dtype))
+    g = torch.randn(y.shape, generator=gen).to(dtype)
+    y.backward(g)
+    want.backward(g.float())
+    for leaf, ref in zip(leaves, f32):
+        assert leaf.grad.dtype == dtype
+        torch.testing.assert_close(leaf.grad, ref.grad.to(dtype), rtol=0, atol=0)
+    with torch.autocast("cpu", dtype=dtype):  # float32 inputs cast to dtype, then float32 inside
+        y_auto = monarch_multiply(*f32[:4], lowrank=None if lr is None else (f32[4], f32[5]))
+    assert y_auto.dtype == dtype
+
+
+def test_fast_gemm_dtypes_and_devices_take_the_usual_paths():
+    x = torch.zeros(3, 4)
+    assert not multiply_module.slow_low_precision_gemm(x)
+    assert not multiply_module.slow_low_precision_gemm(x.to(torch.complex64))
+    assert not multiply_module.slow_low_precision_gemm(x.to("meta", torch.bfloat16))
