@@ -526,8 +526,8 @@ def slow_low_precision_gemm(x: torch.Tensor) -> bool:
 
     Without AVX-512 (bf16) or AVX512-FP16/AMX-FP16 (fp16) PyTorch's CPU GEMMs in
     those dtypes are several times slower than in float32: on a Zen 1 EPYC (AVX2)
-    8192 tokens of 768->3072 took 4.9 s in bf16 against 0.83 s cast to float32
-    and back (measured).  The multiply then runs in float32 and is rounded once,
+    8192 tokens of 768->3072 took 4.9 s in bf16 against 0.83-0.91 s cast to
+    float32 and back (measured).  The multiply then runs in float32 and is rounded once,
     which is also more accurate; the small-block and few-token kernels, which
     compute in float32 anyway, are taken first.
     """

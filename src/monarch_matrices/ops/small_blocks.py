@@ -1,32 +1,32 @@
 """The Monarch multiply for small blocks, in one pass (``_native/small_blocks.cpp``).
 
 With blocks of 32-64 the two batched GEMMs have inner and outer dims of 32-64,
-which the BLAS runs at a fraction of its speed, and the stride permutations
-cost as much again.  The native kernel computes a tile of 8 tokens through both
-factors with the middle activation in L1, the permutations folded into its
-indexing.  Measured on a 2-core AMD EPYC (inference, against the chunked path):
-float32 2.0-3.4x faster for blocks of 32-64 from 8 tokens up, 1.2x at 128,
-slower on a single token (the weights are re-laid out on every call); bf16,
-which the kernel computes in float32, 1.15-1.6x faster for blocks of 32 from 64
-tokens up and slower for wider blocks, where oneDNN's bf16 GEMMs win.  Hence
-the limits below.  Training runs the same way (:class:`_SmallBlocksMultiply`:
-backward is the two stages in the other order and one pass that sums both
-weight gradients and, in float64, the bias's), which also needs ``p`` to be a
-multiple of 16.  The bf16
-forward on CPUs with AVX512-BF16 takes ``_native/small_blocks_dpbf16.cpp``
-instead: the same tiles with pairs of bf16 products per instruction, the
-middle rounded to bf16 between the factors as the bf16 GEMMs round it; 1.7-2.1x
-faster than the float32-FMA kernel on the sqrt(n) Monarch of 1024, weights
-packed on every call included.  Its backward runs the same way: ``grad h`` and
-``grad x`` by the two dot-product stages in the other order (``grad h`` rounded
-to bf16 between them, as the chunked path's bf16 GEMMs round it; 1.56x faster
-than the float32-FMA stages), and the factor gradients from the bf16
-weight-gradient kernel of :mod:`~monarch_matrices.ops.weight_grad` (``w1``) and
-a pass with vectors along ``w2``'s blocks (``w2``, and the bias): the sqrt(n)
-bf16 training step 1.50-1.54x faster than with the float32-FMA backward.  Like
-the float32-FMA pass, that one sums per task and adds the partial sums in task
-order: equal runs give equal bits, but ``w2``'s and the bias's gradients may
-differ in the last bits between thread counts (``w1``'s do not).
+which the BLAS runs at a fraction of its speed, and the stride permutations cost
+as much again.  The native kernel computes a tile of 8 tokens (6 without
+AVX-512) through both factors with the middle activation in L1, the permutations
+folded into its indexing.  Measured on a 2-core AMD EPYC (inference, against the
+chunked path): float32 2.0-3.4x faster for blocks of 32-64 from 8 tokens up,
+1.2x at 128, slower on a single token (the weights are re-laid out on every
+call); bf16, which the kernel computes in float32, 1.15-1.6x faster for blocks
+of 32 from 64 tokens up and slower for wider blocks, where oneDNN's bf16 GEMMs
+win.  Hence the limits below.  Training runs the same way
+(:class:`_SmallBlocksMultiply`: backward is the two stages in the other order
+and one pass that sums both weight gradients and, in float64, the bias's), which
+also needs ``p`` to be a multiple of 16.  The bf16 forward on CPUs with
+AVX512-BF16 takes ``_native/small_blocks_dpbf16.cpp`` instead: the same tiles
+with pairs of bf16 products per instruction, the middle rounded to bf16 between
+the factors as the bf16 GEMMs round it; 1.7-2.1x faster than the float32-FMA
+kernel on the sqrt(n) Monarch of 1024, weights packed on every call included.
+Its backward runs the same way: ``grad h`` and ``grad x`` by the two dot-product
+stages in the other order (``grad h`` rounded to bf16 between them, as the
+chunked path's bf16 GEMMs round it; 1.56x faster than the float32-FMA stages),
+and the factor gradients from the bf16 weight-gradient kernel of
+:mod:`~monarch_matrices.ops.weight_grad` (``w1``) and a pass with vectors along
+``w2``'s blocks (``w2``, and the bias): the sqrt(n) bf16 training step
+1.50-1.54x faster than with the float32-FMA backward.  Like the float32-FMA
+pass, that one sums per task and adds the partial sums in task order: equal runs
+give equal bits, but ``w2``'s and the bias's gradients may differ in the last
+bits between thread counts (``w1``'s do not).
 """
 
 from __future__ import annotations
