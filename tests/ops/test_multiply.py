@@ -123,6 +123,43 @@ def test_chunked_path_matches_reference(monkeypatch, dtype, needs):
         torch.testing.assert_close(a, b)
 
 
+def test_middle_permutation_by_block_where_rows_are_long_enough():
+    by_block = multiply_module._permute_by_block
+    assert by_block(192, 4, 4)  # 768->3072 float32: rows of 48 floats
+    assert not by_block(256, 16, 4)  # 16 blocks of 256: rows of 16 floats, too short
+    assert by_block(256, 16, 8)  # the same in float64: 128 bytes
+    assert not by_block(6, 4, 8)  # q % l != 0: whole tokens only
+
+
+@pytest.mark.parametrize("by_block", [True, False])
+@pytest.mark.parametrize("lowrank", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_block_and_token_major_middles_match_reference(monkeypatch, by_block, lowrank, dtype):
+    """Both layouts of the first GEMM's output (and of its gradient), forced either
+    way, with the fused low-rank term or without, in chunks of 3 with a tail."""
+    monkeypatch.setattr(multiply_module, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(multiply_module, "MIN_CHUNK", 3)
+    monkeypatch.setattr(multiply_module, "MIN_BLOCK_ROW_BYTES", 0 if by_block else 10**9)
+    gen = torch.Generator().manual_seed(1)
+    k, q, p, l, s = 2, 8, 6, 4, 5
+    shapes = [(10, k * p), (k, q, p), (l, s, k * q // l), (s * l,)]
+    if lowrank:
+        shapes += [(3, k * p), (s * l, 3)]
+    leaves = [torch.randn(*shape, generator=gen, dtype=dtype).requires_grad_() for shape in shapes]
+    x, w1, w2, bias, *ab = leaves
+    y = monarch_multiply(x, w1, w2, bias, lowrank=tuple(ab) if ab else None)
+    ref = monarch_multiply_reference(x, w1, w2) + bias
+    if lowrank:
+        ref = ref + x @ (ab[1] @ ab[0]).T
+    torch.testing.assert_close(y, ref)
+    g = torch.randn(10, s * l, generator=gen, dtype=dtype)
+    for got, want in zip(torch.autograd.grad(y, leaves, g), torch.autograd.grad(ref, leaves, g)):
+        torch.testing.assert_close(got, want)
+    with torch.no_grad():
+        torch.testing.assert_close(monarch_multiply(x, w1, w2, bias, lowrank=tuple(ab) or None),
+                                   ref.detach())
+
+
 def test_chunk_buffers_spread_over_the_cache_sets():
     # l streams a multiple of 4 KiB apart share one L1 set; the padded block
     # stride (4 KiB multiple plus a cache line) spreads them

@@ -193,7 +193,11 @@ def _without_kernels(monkeypatch):
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("lowrank", [None, "fused", "separate"])
-def test_multiply_and_gradients_equal_the_pytorch_path_bit_for_bit(monkeypatch, dtype, lowrank):
+@pytest.mark.parametrize("by_block", [False, True])
+def test_multiply_and_gradients_equal_the_pytorch_path_bit_for_bit(monkeypatch, dtype, lowrank,
+                                                                   by_block):
+    # the middle permutation block by block (rows of q/l) or over whole tokens
+    monkeypatch.setattr(multiply_module, "MIN_BLOCK_ROW_BYTES", 0 if by_block else 10**9)
     gen = torch.Generator().manual_seed(0)
     k, q, p, l, s = 4, 8, 6, 4, 5  # q % l == 0: the fused low-rank path
     if lowrank == "separate":
