@@ -129,6 +129,12 @@ def test_middle_permutation_by_block_where_rows_are_long_enough():
     assert not by_block(256, 16, 4)  # 16 blocks of 256: rows of 16 floats, too short
     assert by_block(256, 16, 8)  # the same in float64: 128 bytes
     assert not by_block(6, 4, 8)  # q % l != 0: whole tokens only
+    # bf16/fp16 CPU GEMMs keep writing token-major views; elsewhere block-major
+    outputs = multiply_module._block_major_outputs
+    assert outputs(torch.empty(1)) and outputs(torch.empty(1, dtype=torch.complex64))
+    assert not outputs(torch.empty(1, dtype=torch.bfloat16))
+    assert not outputs(torch.empty(1, dtype=torch.float16))
+    assert outputs(torch.empty(1, dtype=torch.bfloat16, device="meta"))
 
 
 @pytest.mark.parametrize("by_block", [True, False])

@@ -126,15 +126,26 @@ def _chunk_stride(blocks: int, n: int, cols: int, element_size: int) -> int:
     return _block_stride(n, cols, element_size)
 
 
-def _permute_by_block(q: int, l: int, element_size: int) -> bool:
-    """Whether the first GEMM's output (or backward's gradient of it) is block-major.
+def _block_major_outputs(t: torch.Tensor) -> bool:
+    """Whether the chunked GEMMs write block-major chunks, ``(k, n, q)`` / ``(l, n, s)``,
+    that the permutations read in place, rather than strided views of token-major
+    ``(n, k, q)`` / ``(n, l, s)`` buffers.
 
-    Block-major ``(k, n, q)``, every GEMM writes (or reads) whole contiguous blocks,
-    and the middle stride permutation runs per block in rows of ``q/l`` elements;
-    token-major ``(n, k, q)``, a GEMM writes each block's rows ``k·q`` apart (1.1x
-    slower at 256-wide blocks; a bf16 ``bmm`` copies such an output) and the
-    permutation runs over whole tokens.  Measured, forward: 4-6% faster block-major
-    at 768->3072, 3072->768 and 4096 at 4 blocks, 1-3% slower with rows of 16 floats.
+    Block-major, a GEMM writes whole contiguous blocks; token-major, each block's
+    rows ``k·q`` apart, 1.1x slower in float32 at 256-wide blocks (forward on the
+    Zen 1 VM, paired: 0.94-0.95x of the time at 3072->768 and 4096 at 4 blocks,
+    0.97-0.99x at 768->3072).  On CPU in bf16/fp16 the token-major views stay: there
+    block-major chunks measured 0.93-1.01x as fast forward (AVX512-BF16 VM).
+    """
+    return not (t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float16))
+
+
+def _permute_by_block(q: int, l: int, element_size: int) -> bool:
+    """Whether the middle stride permutation runs block by block on a block-major
+    ``(k, n, q)``, in rows of ``q/l`` elements, rather than over whole tokens.
+
+    Only where ``q/l`` elements make rows of ``MIN_BLOCK_ROW_BYTES``: with 16 floats
+    (16 blocks of 256) the block-major forward was 1.01-1.03x slower.
     """
     return q % l == 0 and q // l * element_size >= MIN_BLOCK_ROW_BYTES
 
@@ -199,12 +210,14 @@ def _forward_chunks(
     if fused:  # a rides in the first GEMM, as R extra rows of every w1 block
         w1 = _with_lowrank_rows(w1, lowrank[0])
     qf = w1.shape[1]
-    # the second GEMM writes z block-major, (l, n, s), which the output interleave
-    # reads in place; the first writes h block-major where that pays (_permute_by_block)
-    h_blocks = _permute_by_block(q, l, esize)
+    # z block-major, (l, n, s), where that pays (_block_major_outputs), and h too
+    # where its permutation can run block by block (_permute_by_block)
+    z_blocks = _block_major_outputs(x)
+    h_blocks = z_blocks and _permute_by_block(q, l, esize)
     h = (_chunk_buffer(x, k, n_tokens, chunk, qf, reused=True) if h_blocks
          else x.new_empty(chunk, k, qf))
-    z = _chunk_buffer(x, l, n_tokens, chunk, s, reused=True)
+    z = (_chunk_buffer(x, l, n_tokens, chunk, s, reused=True) if z_blocks
+         else x.new_empty(chunk, l, s))
     w1t, w2t = w1.transpose(1, 2), w2.transpose(1, 2)
     # a CPU bmm in bf16/fp16 first copies x's strided blocks; with wide blocks one
     # mm per block reads them in place (3072->768 chunk 1.35x faster; a tie at
@@ -226,7 +239,7 @@ def _forward_chunks(
         # (k, n, qf) and its token-major view (n, k, qf)
         hk = _chunk_of(h, 0, n, chunk, k, qf) if h_blocks else h[:n].transpose(0, 1)
         hc = hk.transpose(0, 1)
-        zk = _chunk_of(z, 0, n, chunk, l, s)  # (l, n, s)
+        zk = _chunk_of(z, 0, n, chunk, l, s) if z_blocks else z[:n].transpose(0, 1)  # (l, n, s)
         mc = _chunk_of(mid, start if keep_middle else 0, n, chunk, l, r)  # (l, n, r)
         if blockwise:  # x's blocks in place, not copied by bmm (see above)
             for i in range(k):
@@ -336,7 +349,9 @@ class _MonarchMultiply(torch.autograd.Function):
         w1c, w2c = w1f.conj(), w2.conj()
         esize = grad_y.element_size()
         gz = _chunk_buffer(grad_y, l, n_tokens, chunk, s, reused=True)  # each chunk's (l, n, s)
-        gm = _chunk_buffer(grad_y, l, n_tokens, chunk, r, reused=True)  # each chunk's (l, n, r)
+        m_blocks = _block_major_outputs(grad_y)  # grad m (l, n, r) block-major, as z in forward
+        gm = (_chunk_buffer(grad_y, l, n_tokens, chunk, r, reused=True) if m_blocks
+              else grad_y.new_empty(chunk, l, r))
         # grad h for a group of chunks: w1's gradient is one GEMM per group (see above)
         group = chunk
         if grad_w1f is not None and low:
@@ -344,7 +359,7 @@ class _MonarchMultiply(torch.autograd.Function):
             group = min(n_tokens, max(chunk, fit))
         # block-major (k, group, qf) as in forward (the native bf16 kernel reads the
         # token-major one), else (group, k, qf); ghk below is a chunk's (k, n, qf) view
-        h_blocks = _permute_by_block(q, l, esize) and not native_grad_w
+        h_blocks = m_blocks and _permute_by_block(q, l, esize) and not native_grad_w
         gh = grad_y.new_empty((k, group, qf) if h_blocks else (group, k, qf))
         # the bias gradient, summed while each chunk of grad_y is read for gz (one pass
         # over grad_y fewer); in float64 for float32, float32 for bf16/fp16
@@ -355,7 +370,7 @@ class _MonarchMultiply(torch.autograd.Function):
             rows = slice(start, start + n)
             group_start = start // group * group
             rows_in_group = slice(start - group_start, start - group_start + n)
-            gmk = _chunk_of(gm, 0, n, chunk, l, r)  # (l, n, r)
+            gmk = _chunk_of(gm, 0, n, chunk, l, r) if m_blocks else gm[:n].transpose(0, 1)
             ghk = gh[:, rows_in_group] if h_blocks else gh[rows_in_group].transpose(0, 1)
             ghc = ghk.transpose(0, 1)  # (n, k, qf)
             # block-major (l, n, s), laid out as _chunk_stride says: a bf16 bmm reads
