@@ -256,10 +256,15 @@ def test_chunks_step_off_the_cache_set_aliasing(monkeypatch):
 
 def test_chunk_size_follows_cache_budget():
     cpu = torch.device("cpu")
-    chunk = multiply_module.chunk_tokens(8192, 768, 3072, torch.float32, cpu)
+    chunk = multiply_module.chunk_tokens(8192, 768, 3072, torch.bfloat16, cpu)
     assert chunk % multiply_module.MIN_CHUNK == 0
-    assert chunk * (768 + 3072) * 4 <= multiply_module.CHUNK_BYTES
-    assert multiply_module.chunk_tokens(8192, 768, 3072, torch.bfloat16, cpu) == 2 * chunk
+    assert chunk * (768 + 3072) * 2 <= multiply_module.CHUNK_BYTES
+    assert (chunk + multiply_module.MIN_CHUNK) * (768 + 3072) * 2 > multiply_module.CHUNK_BYTES
+    assert multiply_module.chunk_tokens(8192, 768, 3072, torch.float16, cpu) == chunk
+    # float32 and wider take WIDE_CHUNK_FACTOR times the bytes: as many tokens as bf16
+    assert multiply_module.WIDE_CHUNK_FACTOR == 2
+    assert multiply_module.chunk_tokens(8192, 768, 3072, torch.float32, cpu) == chunk
+    assert multiply_module.chunk_tokens(8192, 768, 3072, torch.float64, cpu) == chunk // 2
     assert multiply_module.chunk_tokens(5, 768, 3072, torch.float32, cpu) == 5
     assert multiply_module.chunk_tokens(0, 768, 3072, torch.float32, cpu) == 1
     meta = torch.device("meta")
@@ -268,10 +273,10 @@ def test_chunk_size_follows_cache_budget():
 
 def test_large_factors_take_larger_chunks():
     """Factors beyond LARGE_FACTOR_BYTES set the chunk's budget (up to MAX_CHUNK_BYTES):
-    each chunk re-reads them; smaller ones leave it at CHUNK_BYTES."""
+    each chunk re-reads them; smaller ones leave it at the dtype's budget."""
     cpu, mib = torch.device("cpu"), 2**20
     base = multiply_module.chunk_tokens(4096, 4096, 4096, torch.float32, cpu)
-    assert base == multiply_module.CHUNK_BYTES // (8192 * 4) // 64 * 64
+    assert base == 2 * multiply_module.CHUNK_BYTES // (8192 * 4) // 64 * 64
     small = multiply_module.chunk_tokens(4096, 4096, 4096, torch.float32, cpu, 8 * mib)
     assert small == base
     large = multiply_module.chunk_tokens(4096, 4096, 4096, torch.float32, cpu, 16 * mib)
