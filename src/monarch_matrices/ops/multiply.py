@@ -170,6 +170,23 @@ def _chunk_buffer(like: torch.Tensor, blocks: int, n_tokens: int, chunk: int, co
     return like.new_empty(blocks * (max(slots, default=0) if reused else sum(slots)))
 
 
+def _chunk_scratch(like: torch.Tensor, blocks: int, n_tokens: int, chunk: int, cols: int,
+                   block_major: bool) -> torch.Tensor:
+    """Room for one chunk's ``(blocks, n, cols)`` at a time: block-major (a reused
+    :func:`_chunk_buffer`) or token-major ``(chunk, blocks, cols)``; see :func:`_scratch_of`."""
+    if block_major:
+        return _chunk_buffer(like, blocks, n_tokens, chunk, cols, reused=True)
+    return like.new_empty(chunk, blocks, cols)
+
+
+def _scratch_of(scratch: torch.Tensor, n: int, chunk: int, blocks: int, cols: int) -> torch.Tensor:
+    """The ``(blocks, n, cols)`` of an ``n``-token chunk in a :func:`_chunk_scratch`,
+    whichever its layout (token-major ones are 3-D, block-major ones flat)."""
+    if scratch.dim() == 3:
+        return scratch[:n].transpose(0, 1)
+    return _chunk_of(scratch, 0, n, chunk, blocks, cols)
+
+
 def _chunk_of(flat: torch.Tensor, start: int, n: int, chunk: int, blocks: int,
               cols: int) -> torch.Tensor:
     """The ``(blocks, n, cols)`` of the chunk at token ``start`` in a :func:`_chunk_buffer`."""
@@ -222,10 +239,8 @@ def _forward_chunks(
     # where its permutation can run block by block (_permute_by_block)
     z_blocks = _block_major_outputs(x)
     h_blocks = z_blocks and _permute_by_block(q, l, esize)
-    h = (_chunk_buffer(x, k, n_tokens, chunk, qf, reused=True) if h_blocks
-         else x.new_empty(chunk, k, qf))
-    z = (_chunk_buffer(x, l, n_tokens, chunk, s, reused=True) if z_blocks
-         else x.new_empty(chunk, l, s))
+    h = _chunk_scratch(x, k, n_tokens, chunk, qf, h_blocks)
+    z = _chunk_scratch(x, l, n_tokens, chunk, s, z_blocks)
     w1t, w2t = w1.transpose(1, 2), w2.transpose(1, 2)
     # a CPU bmm in bf16/fp16 first copies x's strided blocks; with wide blocks one
     # mm per block reads them in place (3072->768 chunk 1.35x faster; a tie at
@@ -244,10 +259,9 @@ def _forward_chunks(
     for start in range(0, n_tokens, chunk):
         n = min(chunk, n_tokens - start)
         xc = x[start : start + n].view(n, k, p)
-        # (k, n, qf) and its token-major view (n, k, qf)
-        hk = _chunk_of(h, 0, n, chunk, k, qf) if h_blocks else h[:n].transpose(0, 1)
-        hc = hk.transpose(0, 1)
-        zk = _chunk_of(z, 0, n, chunk, l, s) if z_blocks else z[:n].transpose(0, 1)  # (l, n, s)
+        hk = _scratch_of(h, n, chunk, k, qf)  # (k, n, qf)
+        hc = hk.transpose(0, 1)  # (n, k, qf)
+        zk = _scratch_of(z, n, chunk, l, s)  # (l, n, s)
         mc = _chunk_of(mid, start if keep_middle else 0, n, chunk, l, r)  # (l, n, r)
         if blockwise:  # x's blocks in place, not copied by bmm (see above)
             for i in range(k):
@@ -358,8 +372,7 @@ class _MonarchMultiply(torch.autograd.Function):
         esize = grad_y.element_size()
         gz = _chunk_buffer(grad_y, l, n_tokens, chunk, s, reused=True)  # each chunk's (l, n, s)
         m_blocks = _block_major_outputs(grad_y)  # grad m (l, n, r) block-major, as z in forward
-        gm = (_chunk_buffer(grad_y, l, n_tokens, chunk, r, reused=True) if m_blocks
-              else grad_y.new_empty(chunk, l, r))
+        gm = _chunk_scratch(grad_y, l, n_tokens, chunk, r, m_blocks)
         # grad h for a group of chunks: w1's gradient is one GEMM per group (see above)
         group = chunk
         if grad_w1f is not None and low:
@@ -378,7 +391,7 @@ class _MonarchMultiply(torch.autograd.Function):
             rows = slice(start, start + n)
             group_start = start // group * group
             rows_in_group = slice(start - group_start, start - group_start + n)
-            gmk = _chunk_of(gm, 0, n, chunk, l, r) if m_blocks else gm[:n].transpose(0, 1)
+            gmk = _scratch_of(gm, n, chunk, l, r)  # (l, n, r)
             ghk = gh[:, rows_in_group] if h_blocks else gh[rows_in_group].transpose(0, 1)
             ghc = ghk.transpose(0, 1)  # (n, k, qf)
             # block-major (l, n, s), laid out as _chunk_stride says: a bf16 bmm reads
