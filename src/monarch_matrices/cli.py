@@ -265,6 +265,50 @@ def _calibration_texts(args: argparse.Namespace) -> tuple[list[str], str]:
     return texts, str(path)
 
 
+def _error_inputs(
+    model: Any, tokenizer: Any, inputs: dict[str, Any] | None
+) -> tuple[dict[str, Any] | None, str]:
+    """What the output error is measured on, and its label: the fidelity sentences for a
+    text model (a calibrated model is fitted to text, and random token ids are far from
+    it), else the random latency batch."""
+    from .convert.measure import SENTENCES, text_inputs
+
+    if tokenizer is not None and getattr(model, "main_input_name", "") == "input_ids":
+        try:
+            return text_inputs(model, tokenizer), f"{len(SENTENCES)} fidelity sentences"
+        except ValueError:
+            pass  # no pad token: fall back to the random batch
+    if inputs is None:
+        return None, ""
+    shape = "x".join(str(s) for s in next(iter(inputs.values())).shape)
+    return inputs, f"random batch {shape}"
+
+
+def _projection_alone(
+    dense: Any, config: Any, inputs: dict[str, Any] | None, tokenizer: Any
+) -> dict[str, Any]:
+    """The zero-shot projection's figures, so a calibrated run reports them side by side.
+
+    Projects a copy of the dense model with the same settings and no calibration
+    (seconds; the copy is freed before returning) and measures what the
+    calibrated model was measured on: output error and sentence fidelity.
+    """
+    from .convert import monarchify
+    from .convert.measure import output_error, sentence_fidelity
+
+    projected = monarchify(
+        copy.deepcopy(dense), config.nblocks, targets=config.targets, rank=config.rank,
+        init=config.init, lowrank=config.lowrank, min_features=config.min_features,
+        exclude=config.exclude,
+    ).model
+    figures: dict[str, Any] = {}
+    if inputs is not None:
+        figures["output_relative_error"] = output_error(dense, projected, inputs)
+    if tokenizer is not None:
+        figures["fidelity"] = sentence_fidelity(dense, projected, tokenizer).to_dict()
+    return figures
+
+
 def _convert(args: argparse.Namespace) -> int:
     from .convert import ConversionError, MonarchifyConfig, monarchify, save_monarch
     from .convert.io import WEIGHTS_NAME, atomic_directory, check_writable
@@ -355,11 +399,17 @@ def _convert(args: argparse.Namespace) -> int:
         shape = "x".join(str(s) for s in next(iter(inputs.values())).shape)
         measurements["latency"] = {"input": next(iter(inputs)), "shape": shape,
                                    "repeats": repeats, **latency.to_dict()}
-    if inputs is not None:
-        measurements["output_relative_error"] = output_error(dense, model, inputs)
+    error_inputs, error_on = _error_inputs(model, tokenizer, inputs)
+    if error_inputs is not None:
+        measurements["output_relative_error"] = output_error(dense, model, error_inputs)
+        measurements["output_error_inputs"] = error_on
     if tokenizer is not None and getattr(model, "main_input_name", "") == "input_ids":
         fidelity = sentence_fidelity(dense, model, tokenizer)
         measurements["fidelity"] = fidelity.to_dict()
+    baseline = None
+    if calibration is not None and (error_inputs is not None or fidelity is not None):
+        baseline = _projection_alone(dense, config, error_inputs, tokenizer if fidelity else None)
+        measurements["projection_alone"] = baseline
     del dense
 
     try:
@@ -401,7 +451,7 @@ def _convert(args: argparse.Namespace) -> int:
              f"{latency.threads} threads: dense {latency.dense_median_ms:.1f} ms, Monarch "
              f"{latency.monarch_median_ms:.1f} ms → {latency.speedup:.2f}× ({_verdict(latency)})")
     if "output_relative_error" in measurements:
-        _say(f"output error relative to dense (last hidden state): "
+        _say(f"output error relative to dense (last hidden state, {error_on}): "
              f"{measurements['output_relative_error']:.4f}")
     if fidelity is not None:
         _say(f"fidelity     {fidelity.sentences} sentences: cosine mean {fidelity.cosine_mean:.4f}"
@@ -410,6 +460,16 @@ def _convert(args: argparse.Namespace) -> int:
         if fidelity.cosine_mean < 0.9 and calibration is None:
             _say("             (projection alone: the paper fine-tunes after projecting; fewer "
                  "targets or blocks keep more)")
+    if baseline is not None:
+        parts = []
+        if "output_relative_error" in baseline:
+            parts.append(f"output error {baseline['output_relative_error']:.4f}")
+        if "fidelity" in baseline:
+            f = baseline["fidelity"]
+            parts.append(f"cosine mean {f['cosine_mean']:.4f} (min {f['cosine_min']:.4f}); "
+                         f"nearest neighbour kept {f['nn_agreement']:.0%}, "
+                         f"top-3 overlap {f['top3_overlap']:.0%}")
+        _say("projection alone, for comparison (no calibration): " + "; ".join(parts))
     if calibration is not None:
         _say(f"conversion   {convert_s:.1f} s with calibration on {len(texts)} texts")
     _say(f"wrote {out}/ in {time.perf_counter() - start:.1f} s")

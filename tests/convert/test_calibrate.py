@@ -314,6 +314,12 @@ def test_cli_calibrate_on_a_tiny_model(tiny_text_model, tmp_path, capsys):
     assert len(layers) == 6
     assert all(e["output_error_after"] <= e["output_error_before"] for e in layers)
     assert report["conversion"]["config"]["calibration"]["match_dense"] is True
+    # the zero-shot projection is measured beside the calibrated model, on the same inputs
+    alone = report["measurements"]["projection_alone"]
+    assert "projection alone, for comparison" in text
+    assert set(alone) == {"output_relative_error", "fidelity"}
+    assert alone["output_relative_error"] > report["measurements"]["output_relative_error"]
+    assert alone["fidelity"]["sentences"] == report["measurements"]["fidelity"]["sentences"]
 
     out = tmp_path / "lowrank"
     code = main(["convert", str(tiny_text_model), "--out", str(out), "--repeats", "0",

@@ -16,6 +16,7 @@ from monarch_matrices.convert.measure import (
     measure_latency,
     output_error,
     sentence_fidelity,
+    text_inputs,
     weights_file_size,
 )
 
@@ -54,6 +55,17 @@ def test_fidelity_of_a_model_with_itself_is_perfect_and_drops_after_projection()
     assert changed.cosine_mean < 1.0
     assert output_error(dense, monarch, example_inputs(dense, 2, 8)) > 0
     assert output_error(dense, dense, example_inputs(dense, 2, 8)) == 0
+    # on real text, padding positions do not count: each sentence alone gives the same error
+    batch = text_inputs(dense, tokenizer, SENTENCES[:3])
+    assert (batch["attention_mask"] == 0).any()
+    together = output_error(dense, monarch, batch)
+    a, b = [], []
+    for sentence in SENTENCES[:3]:
+        one = text_inputs(dense, tokenizer, [sentence])
+        a.append(dense(**one).last_hidden_state.detach().double()[0])
+        b.append(monarch(**one).last_hidden_state.detach().double()[0])
+    a, b = torch.cat(a), torch.cat(b)
+    assert together == pytest.approx(float((b - a).norm() / a.norm()), rel=1e-5)
 
 
 def test_weights_file_size_is_the_size_save_monarch_writes(tmp_path):

@@ -30,6 +30,7 @@ __all__ = [
     "output_error",
     "sentence_embeddings",
     "sentence_fidelity",
+    "text_inputs",
     "weights_file_size",
 ]
 
@@ -194,13 +195,32 @@ def _last_hidden(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.
     return hidden
 
 
+def text_inputs(
+    model: nn.Module, tokenizer: Any, sentences: Sequence[str] = SENTENCES
+) -> dict[str, torch.Tensor]:
+    """``sentences`` as one padded batch on ``model``'s device (real text, unlike
+    :func:`example_inputs`: a model calibrated on text is judged on text)."""
+    if getattr(tokenizer, "pad_token", None) is None:
+        raise ValueError("the tokenizer has no pad token, so sentences cannot share a batch")
+    batch = tokenizer(list(sentences), padding=True, truncation=True, return_tensors="pt")
+    device = next(model.parameters()).device
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 @torch.inference_mode()
 def output_error(
     dense: nn.Module, monarch: nn.Module, inputs: Mapping[str, torch.Tensor]
 ) -> float:
-    """``‖h_monarch − h_dense‖_F / ‖h_dense‖_F`` for the last hidden states on ``inputs``."""
+    """``‖h_monarch − h_dense‖_F / ‖h_dense‖_F`` for the last hidden states on ``inputs``.
+
+    Positions that ``inputs["attention_mask"]`` marks as padding are left out.
+    """
     a = _last_hidden(dense, inputs).double()
     b = _last_hidden(monarch, inputs).double()
+    mask = inputs.get("attention_mask")
+    if mask is not None and a.dim() == 3 and mask.shape == a.shape[:2]:
+        keep = mask.bool().unsqueeze(-1).to(a.device)
+        a, b = a.masked_fill(~keep, 0.0), b.masked_fill(~keep, 0.0)
     return float((b - a).norm() / a.norm())
 
 
