@@ -83,8 +83,6 @@ inline void with_tokens(int64_t n, F&& f) {
   }
 }
 
-using vec::lane_sum;  // for vectors
-inline float lane_sum(float v) { return v; }
 
 // out[i] = sum_j w[j] * in[i*ld + j] for NT rows of `in` (float32), j < width.
 // With one or two rows, U independent partial sums per row hide the FMA latency.
@@ -105,13 +103,14 @@ inline void dots(const T* w, const float* in, int64_t ld, int64_t width, float* 
     const vf wv = Lane<vf>::load(w + j);
     for (int i = 0; i < NT; ++i) acc[0][i] += wv * Lane<vf>::load(in + i * ld + j);
   }
+  vf total[NT];
   for (int i = 0; i < NT; ++i) {
-    vf total = acc[0][i];
-    for (int u = 1; u < U; ++u) total += acc[u][i];
-    float sum = lane_sum(total);
-    for (int64_t jj = j; jj < width; ++jj) sum += Lane<float>::load(w + jj) * in[i * ld + jj];
-    out[i] = sum;
+    total[i] = acc[0][i];
+    for (int u = 1; u < U; ++u) total[i] += acc[u][i];
   }
+  lane_sums<NT>(total, out);
+  for (int i = 0; i < NT; ++i)
+    for (int64_t jj = j; jj < width; ++jj) out[i] += Lane<float>::load(w + jj) * in[i * ld + jj];
 }
 
 // dots() for n <= kMaxTokens rows, in register groups; out[i * ldo].
@@ -156,15 +155,15 @@ inline void dots_bf16(const uint16_t* w, const uint16_t* in, int64_t ld, int64_t
       acc[0][i] = _mm512_dpbf16_ps(acc[0][i], reinterpret_cast<__m512bh>(
                                                   _mm512_loadu_si512(in + i * ld + j)), wv);
   }
+  vf total[NT];
   for (int i = 0; i < NT; ++i) {
-    __m512 total = acc[0][i];
-    for (int u = 1; u < U; ++u) total = _mm512_add_ps(total, acc[u][i]);
-    vf t;
-    std::memcpy(&t, &total, sizeof t);
-    float sum = lane_sum(t);
-    for (int64_t jj = j; jj < width; ++jj) sum += to_float(w[jj]) * to_float(in[i * ld + jj]);
-    out[i] = sum;
+    __m512 t = acc[0][i];
+    for (int u = 1; u < U; ++u) t = _mm512_add_ps(t, acc[u][i]);
+    total[i] = (vf)t;
   }
+  lane_sums<NT>(total, out);
+  for (int i = 0; i < NT; ++i)
+    for (int64_t jj = j; jj < width; ++jj) out[i] += to_float(w[jj]) * to_float(in[i * ld + jj]);
 }
 
 inline void dots_bf16_n(const uint16_t* w, const uint16_t* in, int64_t ld, int64_t width,
@@ -278,12 +277,15 @@ void forward_impl(const torch::Tensor& y, const torch::Tensor& x, const torch::T
   for (size_t i = 0; i < xf.size(); ++i) xf[i] = Lane<float>::load(xp + i);
   // stage 1: row m = a*q + c of h, written to mid[t, v, u] with m = u*l + v
   at::parallel_for(0, k * q, 32, [&](int64_t begin, int64_t end) {
+    // (a, c) and (u, v) of row m = a*q + c = u*l + v, stepped without divisions
+    int64_t a = begin / q, c = begin % q, u = begin / l, v = begin % l;
     for (int64_t m = begin; m < end; ++m) {
-      const int64_t a = m / q, u = m / l, v = m % l;
       if constexpr (pairs)
         dots_bf16_n(w1p + m * p, xp + a * p, k * p, p, n, mid + v * r + u, l * r);
       else
         dots_n(w1p + m * p, xf.data() + a * p, k * p, p, n, mid + v * r + u, l * r);
+      if (++c == q) c = 0, ++a;
+      if (++v == l) v = 0, ++u;
     }
   });
   // bf16: the second factor reads the middle rounded to bf16, as a bf16 GEMM would
@@ -295,15 +297,16 @@ void forward_impl(const torch::Tensor& y, const torch::Tensor& x, const torch::T
   // order they took turns on every line of the output: 3x slower, measured)
   std::vector<float> out(n * s * l);
   at::parallel_for(0, l * s, 32, [&](int64_t begin, int64_t end) {
+    int64_t e = begin / l, v = begin % l;  // i = e*l + v, stepped without divisions
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t e = i / l, v = i % l;
       float* o = out.data() + i;
       if constexpr (pairs)
         dots_bf16_n(w2p + (v * s + e) * r, mid_b.data() + v * r, l * r, r, n, o, s * l);
       else
         dots_n(w2p + (v * s + e) * r, mid + v * r, l * r, r, n, o, s * l);
       if (bias != nullptr)
-        for (int64_t t = 0; t < n; ++t) o[t * s * l] += bias[e * l + v];
+        for (int64_t t = 0; t < n; ++t) o[t * s * l] += bias[i];
+      if (++v == l) v = 0, ++e;
     }
   });
   T* yp = data_mut<T>(y);
