@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument(
         "--calibrate", type=_nonnegative, default=0, metavar="N",
         help="fit each layer to its activations on N calibration texts instead of to its "
-        "weight alone (function-preserving; sequential, layer by layer); 0 = off (default)",
+        "weight alone (function-preserving; sequential, layer by layer); the plain "
+        "projection is then measured beside it for comparison; 0 = off (default)",
     )
     conv.add_argument(
         "--calibration-data", metavar="FILE",
