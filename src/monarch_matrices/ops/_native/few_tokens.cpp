@@ -31,9 +31,6 @@
 #include "vec.h"
 
 #include <algorithm>
-#if defined(__AVX512BF16__)
-#include <immintrin.h>
-#endif
 #include <type_traits>
 #include <cstdint>
 #include <cstring>
@@ -82,7 +79,6 @@ inline void with_tokens(int64_t n, F&& f) {
       with_tokens<N - 1>(n, f);
   }
 }
-
 
 // out[i] = sum_j w[j] * in[i*ld + j] for NT rows of `in` (float32), j < width.
 // With one or two rows, U independent partial sums per row hide the FMA latency.
@@ -284,8 +280,14 @@ void forward_impl(const torch::Tensor& y, const torch::Tensor& x, const torch::T
         dots_bf16_n(w1p + m * p, xp + a * p, k * p, p, n, mid + v * r + u, l * r);
       else
         dots_n(w1p + m * p, xf.data() + a * p, k * p, p, n, mid + v * r + u, l * r);
-      if (++c == q) c = 0, ++a;
-      if (++v == l) v = 0, ++u;
+      if (++c == q) {
+        c = 0;
+        ++a;
+      }
+      if (++v == l) {
+        v = 0;
+        ++u;
+      }
     }
   });
   // bf16: the second factor reads the middle rounded to bf16, as a bf16 GEMM would
@@ -306,7 +308,10 @@ void forward_impl(const torch::Tensor& y, const torch::Tensor& x, const torch::T
         dots_n(w2p + (v * s + e) * r, mid + v * r, l * r, r, n, o, s * l);
       if (bias != nullptr)
         for (int64_t t = 0; t < n; ++t) o[t * s * l] += bias[i];
-      if (++v == l) v = 0, ++e;
+      if (++v == l) {
+        v = 0;
+        ++e;
+      }
     }
   });
   T* yp = data_mut<T>(y);

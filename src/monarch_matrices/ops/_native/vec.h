@@ -68,8 +68,8 @@ inline float lane_sum(vf v) {
   return lanes[0];
 }
 
-// The lane sums of N <= 8 vectors at once, out[i] = lane_sum-like sum of v[i], with
-// AVX: the vectors are halved to 8 lanes, then a transpose tree of hadds sums all
+// The lane sums of N <= 8 vectors at once, out[i] = the sum of v[i]'s lanes. With
+// AVX the vectors are halved to 8 lanes, then a transpose tree of hadds sums all
 // of them together, about three instructions a sum where lane_sum takes about
 // thirty (scalar adds through memory). A few-token dot product of 192 bf16 makes
 // six vdpbf16ps per token and one sum, so the sums were most of its time (Zen 4,
@@ -78,7 +78,7 @@ inline float lane_sum(vf v) {
 template <int N>
 inline void lane_sums(const vf* v, float* out) {
   static_assert(N >= 1 && N <= 8, "lane_sums takes 1 to 8 vectors");
-#if defined(__AVX512F__) || defined(__AVX__)
+#if defined(__AVX__)  // AVX-512 implies it
   __m256 h[8];
   for (int i = 0; i < 8; ++i) {
     if (i >= N) {
