@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import platform
 import sys
@@ -266,6 +267,25 @@ def _calibration_texts(args: argparse.Namespace) -> tuple[list[str], str]:
     return texts, str(path)
 
 
+def _monarchify(model: Any, config: Any, **options: Any) -> Any:
+    """``monarchify`` with every field of ``config`` (a ``MonarchifyConfig``)."""
+    from .convert import monarchify
+
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    return monarchify(model, **fields, **options)
+
+
+def _shape_label(inputs: dict[str, Any]) -> str:
+    """``"32x128"``: the shape of a batch's first tensor."""
+    return "x".join(str(s) for s in next(iter(inputs.values())).shape)
+
+
+def _fidelity_text(f: dict[str, Any]) -> str:
+    """One line's worth of a ``Fidelity.to_dict()``."""
+    return (f"cosine mean {f['cosine_mean']:.4f} (min {f['cosine_min']:.4f}); nearest "
+            f"neighbour kept {f['nn_agreement']:.0%}, top-3 overlap {f['top3_overlap']:.0%}")
+
+
 def _error_inputs(
     model: Any, tokenizer: Any, inputs: dict[str, Any] | None
 ) -> tuple[dict[str, Any] | None, str]:
@@ -281,8 +301,7 @@ def _error_inputs(
             pass  # no pad token: fall back to the random batch
     if inputs is None:
         return None, ""
-    shape = "x".join(str(s) for s in next(iter(inputs.values())).shape)
-    return inputs, f"random batch {shape}"
+    return inputs, f"random batch {_shape_label(inputs)}"
 
 
 def _projection_alone(
@@ -294,14 +313,9 @@ def _projection_alone(
     (seconds; the copy is freed before returning) and measures what the
     calibrated model was measured on: output error and sentence fidelity.
     """
-    from .convert import monarchify
     from .convert.measure import output_error, sentence_fidelity
 
-    projected = monarchify(
-        copy.deepcopy(dense), config.nblocks, targets=config.targets, rank=config.rank,
-        init=config.init, lowrank=config.lowrank, min_features=config.min_features,
-        exclude=config.exclude,
-    ).model
+    projected = _monarchify(copy.deepcopy(dense), config).model
     figures: dict[str, Any] = {}
     if inputs is not None:
         figures["output_relative_error"] = output_error(dense, projected, inputs)
@@ -311,7 +325,7 @@ def _projection_alone(
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from .convert import ConversionError, MonarchifyConfig, monarchify, save_monarch
+    from .convert import ConversionError, MonarchifyConfig, save_monarch
     from .convert.io import WEIGHTS_NAME, atomic_directory, check_writable
     from .convert.measure import (
         example_inputs,
@@ -365,12 +379,8 @@ def _convert(args: argparse.Namespace) -> int:
     size_before = weights_file_size(dense)
     convert_start = time.perf_counter()
     try:
-        report = monarchify(
-            model, config.nblocks, targets=config.targets, rank=config.rank, init=config.init,
-            lowrank=config.lowrank, min_features=config.min_features, exclude=config.exclude,
-            progress=not args.no_progress, calibration=calibration,
-            calibration_steps=args.calibration_steps,
-        )
+        report = _monarchify(model, config, progress=not args.no_progress,
+                             calibration=calibration, calibration_steps=args.calibration_steps)
     except ConversionError as e:
         raise _Failure(str(e), EXIT_NOTHING) from None
     except TypeError as e:  # an explicit target that names an unsupported layer type
@@ -393,15 +403,15 @@ def _convert(args: argparse.Namespace) -> int:
     try:
         inputs = example_inputs(model, batch, seq)
     except ValueError as e:
-        inputs = None
-        text = tokenizer is not None and getattr(tokenizer, "pad_token", None) is not None
-        _say(f"{'latency' if text else 'latency and output error'}: skipped ({e})")
+        inputs, no_batch = None, str(e)
+    error_inputs, error_on = _error_inputs(model, tokenizer, inputs)
+    if inputs is None:
+        skipped = "latency" if error_inputs is not None else "latency and output error"
+        _say(f"{skipped}: skipped ({no_batch})")
     if inputs is not None and repeats:
         latency = measure_latency(dense, model, inputs, repeats=repeats)
-        shape = "x".join(str(s) for s in next(iter(inputs.values())).shape)
-        measurements["latency"] = {"input": next(iter(inputs)), "shape": shape,
+        measurements["latency"] = {"input": next(iter(inputs)), "shape": _shape_label(inputs),
                                    "repeats": repeats, **latency.to_dict()}
-    error_inputs, error_on = _error_inputs(model, tokenizer, inputs)
     if error_inputs is not None:
         measurements["output_relative_error"] = output_error(dense, model, error_inputs)
         measurements["output_error_inputs"] = error_on
@@ -457,9 +467,8 @@ def _convert(args: argparse.Namespace) -> int:
         _say(f"output error relative to dense (last hidden state, {error_on}): "
              f"{measurements['output_relative_error']:.4f}")
     if fidelity is not None:
-        _say(f"fidelity     {fidelity.sentences} sentences: cosine mean {fidelity.cosine_mean:.4f}"
-             f" (min {fidelity.cosine_min:.4f}); nearest neighbour kept "
-             f"{fidelity.nn_agreement:.0%}, top-3 overlap {fidelity.top3_overlap:.0%}")
+        _say(f"fidelity     {fidelity.sentences} sentences: "
+             + _fidelity_text(fidelity.to_dict()))
         if fidelity.cosine_mean < 0.9 and calibration is None:
             _say("             (projection alone: the paper fine-tunes after projecting; fewer "
                  "targets or blocks keep more)")
@@ -468,10 +477,7 @@ def _convert(args: argparse.Namespace) -> int:
         if "output_relative_error" in baseline:
             parts.append(f"output error {baseline['output_relative_error']:.4f}")
         if "fidelity" in baseline:
-            f = baseline["fidelity"]
-            parts.append(f"cosine mean {f['cosine_mean']:.4f} (min {f['cosine_min']:.4f}); "
-                         f"nearest neighbour kept {f['nn_agreement']:.0%}, "
-                         f"top-3 overlap {f['top3_overlap']:.0%}")
+            parts.append(_fidelity_text(baseline["fidelity"]))
         _say("projection alone, for comparison (no calibration): " + "; ".join(parts))
     if calibration is not None:
         _say(f"conversion   {convert_s:.1f} s with calibration on {len(texts)} texts")

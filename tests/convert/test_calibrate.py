@@ -338,6 +338,23 @@ def test_cli_calibrate_on_a_tiny_model(tiny_text_model, tmp_path, capsys):
     assert sum(isinstance(m, MonarchLowRankLinear) for m in model.modules()) == 6
 
 
+def test_cli_without_a_latency_batch_still_measures_text(tiny_text_model, tmp_path, capsys,
+                                                         monkeypatch):
+    from monarch_matrices.cli import EXIT_OK, main
+    from monarch_matrices.convert import measure
+
+    def no_batch(*args, **kwargs):
+        raise ValueError("no example input")
+
+    monkeypatch.setattr(measure, "example_inputs", no_batch)
+    code = main(["convert", str(tiny_text_model), "--out", str(tmp_path / "out"),
+                 "--no-progress", "--min-features", "32"])
+    text = capsys.readouterr().out
+    assert code == EXIT_OK, text
+    assert "latency: skipped (no example input)" in text and "CPU latency" not in text
+    assert "(last hidden state, 48 fidelity sentences)" in text
+
+
 def test_cli_calibration_usage_errors(tiny_text_model, tmp_path, capsys):
     from monarch_matrices.cli import EXIT_USAGE, main
 

@@ -79,6 +79,7 @@ def test_text_inputs_needs_a_tokenizer_that_pads():
     tokenizer.pad_token = None  # as GPT-2's tokenizer comes
     with pytest.raises(ValueError, match="no pad token"):
         text_inputs(model, tokenizer, SENTENCES[:4])
+    assert text_inputs(model, tokenizer, SENTENCES[:1])["input_ids"].shape[0] == 1  # no padding
 
 
 def test_weights_file_size_is_the_size_save_monarch_writes(tmp_path):

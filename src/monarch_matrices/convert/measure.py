@@ -200,9 +200,10 @@ def text_inputs(
 ) -> dict[str, torch.Tensor]:
     """``sentences`` as one padded batch on ``model``'s device (real text, unlike
     :func:`example_inputs`: a model calibrated on text is judged on text)."""
-    if getattr(tokenizer, "pad_token", None) is None:
+    pads = getattr(tokenizer, "pad_token", None) is not None
+    if len(sentences) > 1 and not pads:
         raise ValueError("the tokenizer has no pad token, so sentences cannot share a batch")
-    batch = tokenizer(list(sentences), padding=True, truncation=True, return_tensors="pt")
+    batch = tokenizer(list(sentences), padding=pads, truncation=True, return_tensors="pt")
     device = next(model.parameters()).device
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -233,13 +234,10 @@ def sentence_embeddings(
     This is how sentence-transformers pools all-MiniLM-L6-v2.  A tokenizer
     without a pad token (GPT-2's) is fed one sentence at a time.
     """
-    device = next(model.parameters()).device
     step = batch_size if getattr(tokenizer, "pad_token", None) is not None else 1
     pooled = []
     for i in range(0, len(sentences), step):
-        batch = tokenizer(list(sentences[i : i + step]), padding=True, truncation=True,
-                          return_tensors="pt")
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = text_inputs(model, tokenizer, sentences[i : i + step])
         hidden = _last_hidden(model, batch).double()
         mask = batch["attention_mask"].unsqueeze(-1).double()
         pooled.append((hidden * mask).sum(1) / mask.sum(1).clamp(min=1))
