@@ -12,7 +12,7 @@ all-MiniLM-L6-v2 at ``nblocks=4`` (MLP and attention) calibrated on
 and prints the sentence fidelity of each on the seen and the held-out halves.
 If the gap were the topics the calibration text covers, same-topic text would
 close it on the held-out half. Usage:
-``python scripts/calibrate_data_or_matrix.py [--out result.json]`` (about 3
+``python scripts/calibrate_data_or_matrix.py [--out result.json [--force]]`` (about 3
 minutes on 2 cores).
 """
 
@@ -31,12 +31,16 @@ from monarch_matrices.convert import monarchify
 from monarch_matrices.convert.calibrate import sample_texts, text_batches
 from monarch_matrices.convert.calibration_text import CALIBRATION_SENTENCES
 from monarch_matrices.convert.measure import SENTENCES, sentence_fidelity
+from monarch_matrices.recipes.common import atomic_write
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
+    parser.add_argument("--force", action="store_true", help="replace an existing --out file")
     args = parser.parse_args()
+    if args.out is not None and args.out.exists() and not args.force:
+        parser.error(f"{args.out} exists; pass --force to replace it")
 
     path = get_model_path()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
@@ -66,7 +70,7 @@ def main() -> None:
         print(f"{name:26s} {held_out.cosine_mean:15.3f} {held_out.nn_agreement:5.0%} "
               f"{on_seen.cosine_mean:12.3f} {on_seen.nn_agreement:5.0%}", flush=True)
     if args.out is not None:
-        args.out.write_text(json.dumps(rows, indent=2) + "\n")
+        atomic_write(args.out, (json.dumps(rows, indent=2) + "\n").encode())
 
 
 if __name__ == "__main__":
