@@ -354,19 +354,16 @@ def test_bf16_dot_kernel_refuses_what_it_cannot_do():
 
 @needs_bf16_dot
 @pytest.mark.parametrize("needs", [(1, 1, 1, 1), (0, 1, 0, 0), (0, 0, 1, 1), (1, 0, 0, 1),
-                                   (0, 0, 0, 1), (0, 1, 0, 1)])
-def test_bf16_training_backward_takes_the_dot_product_kernels(monkeypatch, needs):
-    """bf16 backward: grad h and grad x by the dot-product stages, grad w1 from
-    weight_grad.py, grad w2 (and the bias gradient with it) from its own pass; several
-    64-token tiles and a ragged one; every gradient subset against float64."""
+                                   (0, 0, 0, 1), (0, 1, 0, 1), (1, 0, 0, 0)])
+def test_bf16_training_backward_takes_the_one_pass_kernel(monkeypatch, needs):
+    """bf16 backward: one call of small_blocks_backward_dpbf16_ for any gradient subset
+    (no separate weight-gradient pass); several 64-token tiles and a ragged one; every
+    gradient against float64."""
     kernels, calls = native.kernels(), []
-    for name in ("small_blocks_grad_x_dpbf16_", "small_blocks_grad_w2_dpbf16_"):
-        real = getattr(kernels, name)
-        monkeypatch.setattr(kernels, name,
-                            lambda *a, real=real, name=name: calls.append(name) or real(*a))
-    real_add = weight_grad.add_
-    monkeypatch.setattr(weight_grad, "add_",
-                        lambda *a, **kw: calls.append("weight_grad") or real_add(*a, **kw))
+    real = kernels.small_blocks_backward_dpbf16_
+    monkeypatch.setattr(kernels, "small_blocks_backward_dpbf16_",
+                        lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(weight_grad, "add_", lambda *a, **kw: pytest.fail("weight_grad used"))
     shape = (32, 32, 32, 32, 32, 32)
     w1, w2, bias = _factors(*shape, seed=5)
     x = torch.randn(217, 1024, dtype=F64)
@@ -380,68 +377,83 @@ def test_bf16_training_backward_takes_the_dot_product_kernels(monkeypatch, needs
                               [t for t in low if t.requires_grad], g.bfloat16())
     for a, b in zip(got, want):
         assert a.dtype == torch.bfloat16 and _relative_error(a, b) < 1e-2
-    assert calls.count("small_blocks_grad_x_dpbf16_") == int(needs[0] or needs[1])
-    assert calls.count("weight_grad") == needs[1]
-    assert calls.count("small_blocks_grad_w2_dpbf16_") == needs[2]
+    assert len(calls) == 1
+    gx, gw1, gw2p, colsum = calls[0][:4]  # only what is wanted is computed
+    assert [t is not None for t in (gx, gw1, gw2p, colsum)] == [bool(n) for n in needs]
 
 
-@needs_bf16_dot
-@pytest.mark.parametrize(("s", "r", "l"), [(32, 32, 32), (5, 3, 16), (1, 1, 48)])
-@pytest.mark.parametrize("tokens", [1, 64, 131])
-def test_bf16_dot_grad_w2_kernel_matches_float64(s, r, l, tokens):
-    """gw2p[e, u, v] = sum_t g[t, e*l + v] h[t, u*l + v], and g's column sums, for odd
-    and single e, u, odd token counts and more than one 64-token tile."""
-    g = torch.randn(tokens, s * l).bfloat16()
-    h = torch.randn(tokens, r * l).bfloat16()
-    got = torch.full((s, r, l), float("nan"))
-    colsum = torch.ones(s * l)  # the kernel adds into it
-    native.kernels().small_blocks_grad_w2_dpbf16_(got, g, h, colsum)
-    alone = torch.empty(s, r, l)
-    native.kernels().small_blocks_grad_w2_dpbf16_(alone, g, h)  # no column sums
-    assert torch.equal(alone, got)
-    want = torch.einsum("tev,tuv->euv", g.double().view(tokens, s, l),
-                        h.double().view(tokens, r, l))
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4 * tokens**0.5)
-    torch.testing.assert_close(colsum.double(), 1 + g.double().sum(0), rtol=1e-5, atol=1e-4)
-
-
-@needs_bf16_dot
-def test_bf16_dot_grad_w2_kernel_refuses_bad_input():
-    kernels = native.kernels()
-    g, h = torch.randn(5, 64).bfloat16(), torch.randn(5, 32).bfloat16()
-    kernels.small_blocks_grad_w2_dpbf16_(torch.empty(4, 2, 16), g, h)  # fits
-    with pytest.raises(RuntimeError, match="gw2p must be"):
-        kernels.small_blocks_grad_w2_dpbf16_(torch.empty(4, 2, 16, dtype=F64), g, h)
-    with pytest.raises(RuntimeError, match="multiple of 16"):
-        kernels.small_blocks_grad_w2_dpbf16_(torch.empty(8, 4, 8), g, h)
-    with pytest.raises(RuntimeError, match="multiple of 16"):
-        kernels.small_blocks_grad_w2_dpbf16_(torch.empty(4, 2, 0), g, h)
-    with pytest.raises(RuntimeError, match="g \\(N, s\\*l\\) and h"):
-        kernels.small_blocks_grad_w2_dpbf16_(torch.empty(4, 2, 16), g, h[:4])
-    with pytest.raises(RuntimeError, match="colsum must be"):
-        kernels.small_blocks_grad_w2_dpbf16_(torch.empty(4, 2, 16), g, h, torch.zeros(63))
+def _backward_dpbf16(shape, tokens, seed, x=True, w1=True, w2=True, bias=True):
+    """Runs small_blocks_backward_dpbf16_ on random bf16 inputs; returns its outputs and
+    the float64 values they should have (grad h rounded to bf16 between the stages)."""
+    k, q, p, l, s, r = shape
+    f1, f2, _ = (t.bfloat16() for t in _factors(*shape, seed=seed))
+    gen = torch.Generator().manual_seed(seed)
+    xs = torch.randn(tokens, k * p, generator=gen).bfloat16()
+    h = torch.randn(tokens, k * q, generator=gen).bfloat16()
+    g = torch.randn(tokens, s * l, generator=gen).bfloat16()
+    gx = torch.full((tokens, k * p), float("nan"), dtype=torch.bfloat16) if x else None
+    gw1 = torch.full((k, q, p), float("nan")) if w1 else None
+    gw2p = torch.full((s, r, l), float("nan")) if w2 else None
+    colsum = torch.ones(s * l) if bias else None  # the kernel adds into it
+    native.kernels().small_blocks_backward_dpbf16_(
+        gx, gw1, gw2p, colsum, g, xs if w1 else None, h if w2 else None,
+        *small_blocks._pack_grad_pairs(f1, f2))
+    # gh[t, u*l + v] = sum_e g[t, e*l + v] w2[v, e, u], rounded to bf16;
+    # gx[t, a*p + j] = sum_c gh[t, a*q + c] w1[a, c, j]
+    gh = torch.einsum("tev,veu->tuv", g.double().view(tokens, s, l), f2.double())
+    gh = gh.reshape(tokens, k, q).bfloat16().double()
+    want = {
+        "gx": torch.einsum("tac,acj->taj", gh, f1.double()).reshape(tokens, k * p),
+        "gw1": torch.einsum("tac,taj->acj", gh, xs.double().view(tokens, k, p)),
+        "gw2p": torch.einsum("tev,tuv->euv", g.double().view(tokens, s, l),
+                             h.double().view(tokens, r, l)),
+        "colsum": 1 + g.double().sum(0),
+    }
+    return {"gx": gx, "gw1": gw1, "gw2p": gw2p, "colsum": colsum}, want
 
 
 @needs_bf16_dot
 @pytest.mark.parametrize("shape", [(32, 32, 32, 32, 32, 32), (4, 16, 16, 16, 5, 4),
-                                   (2, 48, 32, 32, 3, 3), (1, 16, 16, 16, 1, 1)])
-@pytest.mark.parametrize("tokens", [1, 13, 67])
+                                   (2, 48, 32, 32, 3, 3), (1, 16, 16, 16, 1, 1),
+                                   (3, 16, 48, 16, 5, 3), (1, 32, 16, 16, 3, 2)])
+@pytest.mark.parametrize("tokens", [1, 13, 64, 67, 131])
 def test_bf16_dot_backward_kernel_matches_float64(shape, tokens):
-    """grad h and grad x by the bf16 dot-product stages (odd s pairs with zero; ragged
-    tiles), against float64 from the same bf16 values with grad h rounded between."""
-    k, q, p, l, s, r = shape
-    w1, w2, _ = (t.bfloat16() for t in _factors(*shape, seed=7))
-    g = torch.randn(tokens, s * l).bfloat16()
-    gx = torch.empty(tokens, k * p, dtype=torch.bfloat16)
-    gh = torch.empty(tokens, k * q, dtype=torch.bfloat16)
-    native.kernels().small_blocks_grad_x_dpbf16_(gx, gh, g, *small_blocks._pack_grad_pairs(w1, w2))
-    # gh[t, u*l + v] = sum_e g[t, e*l + v] w2[v, e, u]
-    # gx[t, a*p + j] = sum_c gh[t, a*q + c] w1[a, c, j]
-    want_gh = torch.einsum("tev,veu->tuv", g.double().view(tokens, s, l), w2.double())
-    want_gh = want_gh.reshape(tokens, k * q)
-    assert _relative_error(gh, want_gh) < 1e-2
-    want_gx = torch.einsum("tac,acj->taj", gh.double().view(tokens, k, q), w1.double())
-    assert _relative_error(gx, want_gx.reshape(tokens, k * p)) < 1e-2
+    """grad x, both factor gradients and g's column sums from one pass: odd s pairs with
+    zero; p of one, two and three vectors; ragged 8-token and 64-token tiles."""
+    got, want = _backward_dpbf16(shape, tokens, seed=tokens)
+    assert _relative_error(got["gx"], want["gx"]) < 1e-2
+    for name in ("gw1", "gw2p", "colsum"):  # float32 sums of exact bf16 products
+        torch.testing.assert_close(got[name].double(), want[name], rtol=1e-5,
+                                   atol=1e-4 * tokens**0.5)
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("wanted", [dict(x=False), dict(w1=False), dict(w2=False, bias=False),
+                                    dict(x=False, w1=False), dict(x=False, w2=False)])
+def test_bf16_dot_backward_kernel_computes_subsets(wanted):
+    """Any subset gives the bits of the full call (w1's gradient without grad x, w2's
+    without grad h, ...)."""
+    shape = (4, 16, 16, 16, 5, 4)
+    full, _ = _backward_dpbf16(shape, 131, seed=3)
+    part, _ = _backward_dpbf16(shape, 131, seed=3, **wanted)
+    for name, t in part.items():
+        if t is not None:
+            assert torch.equal(t, full[name]), name
+
+
+@needs_bf16_dot
+def test_bf16_dot_backward_gives_equal_bits_on_equal_runs():
+    """Per-task sums are added in task order, not in finishing order (8 threads on 2
+    cores: the order in which tasks finish varies)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(8)
+    try:
+        runs = [_backward_dpbf16((32, 32, 32, 32, 32, 32), 1000, seed=1)[0] for _ in range(4)]
+    finally:
+        torch.set_num_threads(threads)
+    for run in runs[1:]:
+        for name, t in run.items():
+            assert torch.equal(t, runs[0][name]), name
 
 
 @needs_bf16_dot
@@ -449,20 +461,35 @@ def test_bf16_dot_backward_kernel_refuses_what_it_cannot_do():
     kernels = native.kernels()
     w1, w2, _ = (t.bfloat16() for t in _factors(2, 16, 16, 16, 2, 2))
     w2g, w1g = small_blocks._pack_grad_pairs(w1, w2)
-    g = torch.randn(3, 32).bfloat16()
-    gx, gh = torch.empty(3, 32, dtype=torch.bfloat16), torch.empty(3, 32, dtype=torch.bfloat16)
-    kernels.small_blocks_grad_x_dpbf16_(gx, gh, g, w2g, w1g)  # fits
-    with pytest.raises(RuntimeError, match="bf16 CPU matrices"):
-        kernels.small_blocks_grad_x_dpbf16_(gx.float(), gh, g, w2g, w1g)
+    g, x, h = (torch.randn(3, 32).bfloat16() for _ in range(3))
+    gx = torch.empty(3, 32, dtype=torch.bfloat16)
+    gw1, gw2p = torch.empty(2, 16, 16), torch.empty(2, 2, 16)
+    run = kernels.small_blocks_backward_dpbf16_
+    run(gx, gw1, gw2p, torch.zeros(32), g, x, h, w2g, w1g)  # fits
+    with pytest.raises(RuntimeError, match=r"gx .* does not fit"):
+        run(gx.float(), None, None, None, g, None, None, w2g, w1g)
+    with pytest.raises(RuntimeError, match=r"gx .* does not fit"):
+        run(gx[:, :16], None, None, None, g, None, None, w2g, w1g)
     with pytest.raises(RuntimeError, match="packed"):
-        kernels.small_blocks_grad_x_dpbf16_(gx, gh, g, w2, w1g)
-    with pytest.raises(RuntimeError, match="do not fit"):
-        kernels.small_blocks_grad_x_dpbf16_(gx[:, :16], gh, g, w2g, w1g)
+        run(gx, None, None, None, g, None, None, w2, w1g)
+    with pytest.raises(RuntimeError, match="g must be a bf16"):
+        run(gx, None, None, None, g.float(), None, None, w2g, w1g)
     with pytest.raises(RuntimeError, match="multiples of 16"):
-        kernels.small_blocks_grad_x_dpbf16_(gx, gh, g[:, :31], w2g, w1g)
+        run(gx, None, None, None, g[:, :31], None, None, w2g, w1g)
+    with pytest.raises(RuntimeError, match="gw1 must be"):
+        run(None, gw1.double(), None, None, g, x, None, w2g, w1g)
+    with pytest.raises(RuntimeError, match="gw2p must be"):
+        run(None, None, torch.empty(2, 16, 2), None, g, None, h, w2g, w1g)
+    with pytest.raises(RuntimeError, match="colsum must be"):
+        run(None, None, None, torch.zeros(31), g, None, None, w2g, w1g)
+    with pytest.raises(RuntimeError, match="needs x"):
+        run(None, gw1, None, None, g, None, None, w2g, w1g)
+    with pytest.raises(RuntimeError, match="needs h"):
+        run(None, None, gw2p, None, g, None, h[:2], w2g, w1g)
     empty = torch.empty(1, 1, 0, 2, dtype=torch.bfloat16)  # l = 0: refused, not a division
     with pytest.raises(RuntimeError, match="multiples of 16"):
-        kernels.small_blocks_grad_x_dpbf16_(gx, gh[:, :0], g[:, :4], empty,
-                                            torch.empty(0, 1, 16, 2, dtype=torch.bfloat16))
+        run(None, None, None, None, g[:, :4], None, None, empty,
+            torch.empty(0, 1, 16, 2, dtype=torch.bfloat16))
     with pytest.raises(RuntimeError, match="single memory location"):
-        kernels.small_blocks_grad_x_dpbf16_(gx, gh[:1].expand(3, 32), g, w2g, w1g)
+        run(torch.empty(1, 32, dtype=torch.bfloat16).expand(3, 32), None, None, None, g, None,
+            None, w2g, w1g)

@@ -17,23 +17,22 @@ AVX512-BF16 takes ``_native/small_blocks_dpbf16.cpp`` instead: the same tiles
 with pairs of bf16 products per instruction, the middle rounded to bf16 between
 the factors as the bf16 GEMMs round it; 1.7-2.1x faster than the float32-FMA
 kernel on the sqrt(n) Monarch of 1024, weights packed on every call included.
-Its backward runs the same way: ``grad h`` and ``grad x`` by the two dot-product
-stages in the other order (``grad h`` rounded to bf16 between them, as the
-chunked path's bf16 GEMMs round it; 1.56x faster than the float32-FMA stages),
-and the factor gradients from the bf16 weight-gradient kernel of
-:mod:`~monarch_matrices.ops.weight_grad` (``w1``) and a pass with vectors along
-``w2``'s blocks (``w2``, and the bias): the sqrt(n) bf16 training step
-1.50-1.54x faster than with the float32-FMA backward.  Like the float32-FMA
-pass, that one sums per task and adds the partial sums in task order: equal runs
-give equal bits, but ``w2``'s and the bias's gradients may differ in the last
-bits between thread counts (``w1``'s do not).
+Its backward is one pass over the tokens (``small_blocks_backward_dpbf16_``), 64 at a
+time: ``grad h`` and ``grad x`` by the two dot-product stages in the other order
+(``grad h`` rounded to bf16 between them, as the chunked path's bf16 GEMMs round
+it), then both factor gradients and the bias's from those 64 rows of ``grad y``,
+``h``, ``grad h`` and ``x`` while they are in cache, in pairs of tokens, the next 64
+rows fetched meanwhile.  As three passes (the weight gradients from a stored ``grad
+h``) the same backward was 1.24x slower, and 1.10-1.16x slower without the fetching
+ahead.  Sums are per task, added in task order: equal runs give equal bits, thread
+counts may differ in the last bits.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import native, weight_grad
+from . import native
 from .permute import column_sum_dtype
 
 # widest block (any of p, q, r, s) the kernel takes, and fewest tokens, per dtype
@@ -123,7 +122,8 @@ def _pack_grad_pairs(w1: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, 
 class _SmallBlocksMultiply(torch.autograd.Function):
     """``y = x Mᵀ (+ bias)`` through the kernels; saves ``x`` and, when ``w2`` needs a
     gradient, the middle activation (as the chunked path does).  Asked only for
-    ``w1``'s gradient, backward computes ``grad x`` too: it comes with ``grad h``."""
+    ``w1``'s gradient, the float32 backward computes ``grad x`` too: it comes with
+    ``grad h`` (the bf16 one keeps ``grad h`` per tile and skips it)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
@@ -145,22 +145,16 @@ class _SmallBlocksMultiply(torch.autograd.Function):
         l, s, r = w2.shape
         g = grad_y.contiguous()
         grad_x = grad_w1 = grad_w2 = grad_bias = None
+        if _bf16_dot(x, w1):  # pairs of bf16 products (AVX512-BF16), one pass
+            return _backward_bf16_dot(x, g, mid, w1, w2, need_x, need_w1, need_w2, need_bias)
         gh = None
-        dot = _bf16_dot(x, w1)  # pairs of bf16 products (AVX512-BF16)
         if need_x or need_w1:  # grad h (and grad x) by the two stages in the other order
             gx = torch.empty_like(x)
             gh = x.new_empty(x.shape[0], k * q)
-            if dot:
-                w2g, w1g = _pack_grad_pairs(w1.detach(), w2.detach())
-                kernels.small_blocks_grad_x_dpbf16_(gx, gh, g, w2g, w1g)
-            else:
-                w2q = w2.detach().float().permute(2, 1, 0).contiguous()  # (r, s, l)
-                kernels.small_blocks_grad_x_(gx, gh, g, w2q, w1.detach().float().contiguous())
+            w2q = w2.detach().float().permute(2, 1, 0).contiguous()  # (r, s, l)
+            kernels.small_blocks_grad_x_(gx, gh, g, w2q, w1.detach().float().contiguous())
             grad_x = gx if need_x else None
-        if (need_w1 or need_w2) and dot:
-            grad_w1, grad_w2, grad_bias = _grad_w_bf16_dot(
-                x, gh, g, mid, w1.shape, w2.shape, need_w1, need_w2, need_bias)
-        elif need_w1 or need_w2:
+        if need_w1 or need_w2:
             gw1t = x.new_zeros(k, p, q, dtype=torch.float32) if need_w1 else None
             gw2p = x.new_zeros(s, r, l, dtype=torch.float32) if need_w2 else None
             # the bias gradient too, in float64, while the kernel reads grad y
@@ -179,36 +173,26 @@ class _SmallBlocksMultiply(torch.autograd.Function):
         return grad_x, grad_w1, grad_w2, grad_bias
 
 
-def _grad_w_bf16_dot(
-    x: torch.Tensor, gh: torch.Tensor | None, g: torch.Tensor, mid: torch.Tensor | None,
-    w1_shape: torch.Size, w2_shape: torch.Size, need_w1: bool, need_w2: bool, need_bias: bool,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """bf16 ``(grad w1, grad w2, grad bias)`` with bf16 dot products, summed in float32
-    (the bias's only with ``w2``'s, else ``None``).
-
-    ``grad w1[a] = ghᵀ x`` over block ``a``'s columns, contiguous in both: the
-    weight-gradient kernel (weight_grad.py).  ``w2``'s blocks are strided in ``g`` and
-    ``h`` (``g[t, e·l + v]``), but its ``l`` blocks sit side by side there, so its own
-    kernel keeps vectors along them, as the forward's second stage does; it sums the
-    bias gradient while it reads ``g`` (permuting both block-major first cost 4 ms of
-    a 24 ms sqrt(n) step).
-    """
-    k, q, p = w1_shape
-    l, s, r = w2_shape
-    n = x.shape[0]
-    grad_w1 = grad_w2 = grad_bias = None
-    if need_w1:
-        acc1 = x.new_empty(k, q, p, dtype=torch.float32)
-        weight_grad.add_(acc1, gh.view(n, k, q).transpose(0, 1), x.view(n, k, p).transpose(0, 1),
-                         first=True)
-        grad_w1 = acc1.to(x.dtype)
-    if need_w2:  # vectors along w2's blocks v, side by side in grad y and h (no permutation)
-        colsum = g.new_zeros(s * l, dtype=column_sum_dtype(g.dtype)) if need_bias else None
-        acc2 = x.new_empty(s, r, l, dtype=torch.float32)
-        native.kernels().small_blocks_grad_w2_dpbf16_(acc2, g, mid, colsum)
-        grad_w2 = acc2.permute(2, 0, 1).to(x.dtype).contiguous()  # [e, u, v] -> [v, e, u]
-        grad_bias = None if colsum is None else colsum.to(g.dtype)
-    return grad_w1, grad_w2, grad_bias
+def _backward_bf16_dot(
+    x: torch.Tensor, g: torch.Tensor, mid: torch.Tensor | None, w1: torch.Tensor,
+    w2: torch.Tensor, need_x: bool, need_w1: bool, need_w2: bool, need_bias: bool,
+) -> tuple[torch.Tensor | None, ...]:
+    """bf16 ``(grad x, grad w1, grad w2, grad bias)`` by ``small_blocks_backward_dpbf16_``:
+    one pass over the tokens, 64 at a time, ``grad h`` kept in the task's own rows and
+    both factor gradients summed (in float32) while that tile is in cache."""
+    k, q, p = w1.shape
+    l, s, r = w2.shape
+    gx = torch.empty_like(x) if need_x else None
+    gw1 = x.new_empty(k, q, p, dtype=torch.float32) if need_w1 else None
+    gw2p = x.new_empty(s, r, l, dtype=torch.float32) if need_w2 else None
+    colsum = g.new_zeros(s * l, dtype=column_sum_dtype(g.dtype)) if need_bias else None
+    w2g, w1g = _pack_grad_pairs(w1.detach(), w2.detach())
+    native.kernels().small_blocks_backward_dpbf16_(
+        gx, gw1, gw2p, colsum, g, x if need_w1 else None, mid if need_w2 else None, w2g, w1g)
+    return (gx,
+            None if gw1 is None else gw1.to(x.dtype),
+            None if gw2p is None else gw2p.permute(2, 0, 1).to(x.dtype).contiguous(),  # [v, e, u]
+            None if colsum is None else colsum.to(g.dtype))
 
 
 def multiply(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,

@@ -22,10 +22,12 @@ void few_tokens_backward_(torch::Tensor g, torch::Tensor x, torch::Tensor w1, to
 void small_blocks_forward_dpbf16_(torch::Tensor y, torch::Tensor x, torch::Tensor w1p,
                                   torch::Tensor w2p, c10::optional<torch::Tensor> bias,
                                   c10::optional<torch::Tensor> mid);
-void small_blocks_grad_x_dpbf16_(torch::Tensor gx, torch::Tensor gh, torch::Tensor g,
-                                 torch::Tensor w2g, torch::Tensor w1g);
-void small_blocks_grad_w2_dpbf16_(torch::Tensor gw2p, torch::Tensor g, torch::Tensor h,
-                                  c10::optional<torch::Tensor> colsum);
+void small_blocks_backward_dpbf16_(c10::optional<torch::Tensor> gx,
+                                   c10::optional<torch::Tensor> gw1,
+                                   c10::optional<torch::Tensor> gw2p,
+                                   c10::optional<torch::Tensor> colsum, torch::Tensor g,
+                                   c10::optional<torch::Tensor> x, c10::optional<torch::Tensor> h,
+                                   torch::Tensor w2g, torch::Tensor w1g);
 void weight_grad_dpbf16_(torch::Tensor c, torch::Tensor a, torch::Tensor bm, bool accumulate);
 
 // Whether the kernels were built with the CPU's bf16 dot products (AVX512-BF16): the
@@ -62,13 +64,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "bf16 small-block forward with bf16 dot products (small_blocks_dpbf16.cpp)", py::arg("y"),
         py::arg("x"), py::arg("w1p"), py::arg("w2p"), py::arg("bias") = py::none(),
         py::arg("mid") = py::none());
-  m.def("small_blocks_grad_x_dpbf16_", &small_blocks_grad_x_dpbf16_,
-        "grad x and grad h of the bf16 dot-product small-block forward (small_blocks_dpbf16.cpp)",
-        py::arg("gx"), py::arg("gh"), py::arg("g"), py::arg("w2g"), py::arg("w1g"));
-  m.def("small_blocks_grad_w2_dpbf16_", &small_blocks_grad_w2_dpbf16_,
-        "w2's gradient (s, r, l) of the bf16 small-block multiply, and g's column sums "
-        "(small_blocks_dpbf16.cpp)",
-        py::arg("gw2p"), py::arg("g"), py::arg("h"), py::arg("colsum") = py::none());
+  m.def("small_blocks_backward_dpbf16_", &small_blocks_backward_dpbf16_,
+        "grad x, the factor gradients and g's column sums of the bf16 dot-product "
+        "small-block forward, in one pass (small_blocks_dpbf16.cpp)",
+        py::arg("gx"), py::arg("gw1"), py::arg("gw2p"), py::arg("colsum"), py::arg("g"),
+        py::arg("x"), py::arg("h"), py::arg("w2g"), py::arg("w1g"));
   m.def("weight_grad_dpbf16_", &weight_grad_dpbf16_,
         "c[b] (= or +=) a[b]^T bm[b], bf16 in, float32 sums (weight_grad_dpbf16.cpp)",
         py::arg("c"), py::arg("a"), py::arg("bm"), py::arg("accumulate"));

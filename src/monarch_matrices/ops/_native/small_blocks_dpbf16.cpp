@@ -1,4 +1,5 @@
-// The small-block forward of small_blocks.cpp for bf16, with bf16 dot products.
+// The small-block multiply of small_blocks.cpp for bf16, with bf16 dot products:
+// forward, and backward in one pass (grad x and all the parameters' gradients).
 //
 // small_blocks.cpp computes bf16 in float32 FMAs, so a bf16 layer runs no faster
 // than a float32 one there (6.3 against 6.7 ms for 8192 tokens of the sqrt(n)
@@ -11,19 +12,20 @@
 //                  pair (x[.., j], x[.., j+1]) is one 32-bit broadcast from x's row,
 //                  w1 packed as w1p[a, j/2, c, 2];
 //   second factor: y[t, e*l + v] = sum_u h[t, u*l + v] w2[v, e, u], u in pairs: the
-//                  tile's middle is rounded to bf16 and packed as hp[t, u/2, v, 2],
+//                  tile's middle, rounded to bf16, is packed as hp[t, u/2, v, 2],
 //                  w2 as w2p[e, u/2, v, 2]; vectors along v as in small_blocks.cpp.
 //
 // The middle is rounded to bf16 between the factors, as the chunked path's bf16
 // GEMMs round it, and like them (oneDNN uses the same instruction) subnormal
-// inputs and products count as zero; `mid` (or null) receives h in bf16 for backward. Needs p even
-// and q, l multiples of 16.
+// inputs and products count as zero; `mid` (or null) receives h in bf16 for
+// backward. Needs p even and q, l multiples of 16.
 
 #include <torch/extension.h>
 
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 
+#include "aligned.h"
 #include "bf16_pairs.h"
 #include "partials.h"
 
@@ -47,11 +49,11 @@ inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh>(v); }
 // 16 floats rounded to bf16 (round to nearest even), NaN kept a NaN.
 inline __m256i round16(__m512 v) { return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)); }
 
-// out[t, a*Q + c] for t < NT, float32: the first factor over pairs of j, C vectors
-// of c at a time (each broadcast of x feeds C products).
+// out[t, a*Q + c] for t < NT, rounded to bf16: the first factor over pairs of j, C
+// vectors of c at a time (each broadcast of x feeds C products).
 template <int NT, int C>
 inline void first_factor_columns(const uint16_t* xa, int64_t ldx, const uint16_t* wa,
-                                 int64_t pairs, int64_t Q, int64_t c0, float* out,
+                                 int64_t pairs, int64_t Q, int64_t c0, uint16_t* out,
                                  int64_t ldo) {
   __m512 acc[NT][C];
   for (int t = 0; t < NT; ++t)
@@ -68,12 +70,17 @@ inline void first_factor_columns(const uint16_t* xa, int64_t ldx, const uint16_t
     }
   }
   for (int t = 0; t < NT; ++t)
-    for (int i = 0; i < C; ++i) _mm512_storeu_ps(out + t * ldo + c0 + i * kLanes, acc[t][i]);
+    for (int i = 0; i < C; ++i)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + t * ldo + c0 + i * kLanes),
+                          round16(acc[t][i]));
 }
 
+// Rounded to bf16 as it leaves the registers: the middle (or grad x) is bf16 next, as
+// the chunked path's bf16 GEMMs round it; a float32 tile rounded in a pass of its own
+// made the sqrt(n) forward 1.1x slower (docs/speed.md item 25).
 template <int NT>
 void first_factor(const uint16_t* x, int64_t ldx, const uint16_t* w1p, int64_t K, int64_t P,
-                  int64_t Q, float* out, int64_t ldo) {
+                  int64_t Q, uint16_t* out, int64_t ldo) {
   const int64_t pairs = P / 2;
   for (int64_t a = 0; a < K; ++a) {
     const uint16_t* xa = x + a * P;
@@ -85,25 +92,9 @@ void first_factor(const uint16_t* x, int64_t ldx, const uint16_t* w1p, int64_t K
   }
 }
 
-// hp[t, u/2, v, 2] = bf16(h[t, u*L + v]) for NT rows of h (float32, rows ldh apart);
-// an odd last u pairs with zero.
-template <int NT>
-void pack_middle(const float* h, int64_t ldh, int64_t U, int64_t L, uint16_t* hp, int64_t ldp) {
-  for (int t = 0; t < NT; ++t) {
-    for (int64_t u = 0; u < U; u += 2) {
-      for (int64_t v0 = 0; v0 < L; v0 += kLanes) {
-        const __m512 lo = _mm512_loadu_ps(h + t * ldh + u * L + v0);
-        const __m512 hi = u + 1 < U ? _mm512_loadu_ps(h + t * ldh + (u + 1) * L + v0)
-                                    : _mm512_setzero_ps();
-        const __m512i both = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
-        _mm512_storeu_si512(hp + t * ldp + (u / 2 * L + v0) * 2, bf16_pairs::interleave(both));
-      }
-    }
-  }
-}
-
-// The same pairs from bf16 rows: gp[t, e/2, v, 2] = g[t, e*L + v] for NT rows of g
-// (rows ldg apart); an odd last e pairs with zero. For grad h, whose sums run over e.
+// gp[t, e/2, v, 2] = g[t, e*L + v] for NT bf16 rows of g (rows ldg apart); an odd last
+// e pairs with zero. For the second factor, whose sums run over u (forward) or e
+// (grad h) in steps of L.
 template <int NT>
 void pack_rows_bf16(const uint16_t* g, int64_t ldg, int64_t S, int64_t L, uint16_t* gp,
                     int64_t ldp) {
@@ -148,45 +139,40 @@ inline void second_factor_rows(const uint16_t* hp, int64_t ldp, const uint16_t* 
 template <int NT>
 void second_factor(const uint16_t* hp, int64_t ldp, const uint16_t* w2p, int64_t E,
                    int64_t pairs, int64_t L, const float* bias, uint16_t* y, int64_t ldy) {
-  for (int64_t v0 = 0; v0 < L; v0 += kLanes) {
-    int64_t e = 0;
-    for (; e + 2 <= E; e += 2)
+  // v0 inside e, so that each output row's run e*L.. is written whole before the next
+  // (v0 outside: a 64-byte line of y half written, the other half a pass later;
+  // 1.06-1.25x faster at 8192 tokens, docs/speed.md item 25)
+  int64_t e = 0;
+  for (; e + 2 <= E; e += 2)
+    for (int64_t v0 = 0; v0 < L; v0 += kLanes)
       second_factor_rows<NT, 2>(hp, ldp, w2p, pairs, L, e, v0, bias, y, ldy);
-    if (e < E) second_factor_rows<NT, 1>(hp, ldp, w2p, pairs, L, e, v0, bias, y, ldy);
-  }
+  if (e < E)
+    for (int64_t v0 = 0; v0 < L; v0 += kLanes)
+      second_factor_rows<NT, 1>(hp, ldp, w2p, pairs, L, e, v0, bias, y, ldy);
 }
 
+// (the middle h goes to mid, rows ldm apart: the caller's rows kept for backward, or
+// scratch)
 template <int NT>
 void tile(const uint16_t* x, int64_t ldx, const uint16_t* w1p, const uint16_t* w2p,
           const float* bias, int64_t K, int64_t P, int64_t Q, int64_t E, int64_t U, int64_t L,
-          float* mid, int64_t ldm, uint16_t* hp, int64_t ldp, uint16_t* y, int64_t ldy,
-          uint16_t* mid_out) {
+          uint16_t* mid, int64_t ldm, uint16_t* hp, int64_t ldp, uint16_t* y, int64_t ldy) {
   first_factor<NT>(x, ldx, w1p, K, P, Q, mid, ldm);
-  if (mid_out != nullptr)  // h for backward, rows K*Q long (Q is a multiple of 16)
-    for (int t = 0; t < NT; ++t)
-      for (int64_t i = 0; i < K * Q; i += kLanes)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(mid_out + t * K * Q + i),
-                            round16(_mm512_loadu_ps(mid + t * ldm + i)));
-  pack_middle<NT>(mid, ldm, U, L, hp, ldp);
+  pack_rows_bf16<NT>(mid, ldm, U, L, hp, ldp);
   second_factor<NT>(hp, ldp, w2p, E, (U + 1) / 2, L, bias, y, ldy);
 }
 
 // Backward, the two stages in the other order for NT tokens: grad h from grad y by
 // the strided stage (pairs of e), stored in bf16 (kept for w1's gradient, and the
 // next stage's input, as the chunked path's bf16 GEMMs round it); grad x from it by
-// the block stage (pairs of c), rounded to bf16.
+// the block stage (pairs of c), rounded to bf16 (gx null: grad h only).
 template <int NT>
 void grad_tile(const uint16_t* g, int64_t ldg, const uint16_t* w2g, const uint16_t* w1g,
                int64_t K, int64_t Q, int64_t P, int64_t S, int64_t R, int64_t L, uint16_t* gp,
-               int64_t ldp, uint16_t* gh, int64_t ldh, float* gxf, int64_t ldf, uint16_t* gx,
-               int64_t ldx) {
+               int64_t ldp, uint16_t* gh, int64_t ldh, uint16_t* gx, int64_t ldx) {
   pack_rows_bf16<NT>(g, ldg, S, L, gp, ldp);
   second_factor<NT>(gp, ldp, w2g, R, (S + 1) / 2, L, nullptr, gh, ldh);
-  first_factor<NT>(gh, ldh, w1g, K, Q, P, gxf, ldf);
-  for (int t = 0; t < NT; ++t)
-    for (int64_t i = 0; i < K * P; i += kLanes)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(gx + t * ldx + i),
-                          round16(_mm512_loadu_ps(gxf + t * ldf + i)));
+  if (gx != nullptr) first_factor<NT>(gh, ldh, w1g, K, Q, P, gx, ldx);
 }
 
 // w2's gradient, gw2p[e, u, v] = sum_t g[t, e*L + v] h[t, u*L + v]: vectors along v,
@@ -213,6 +199,76 @@ inline void sum_w2_pairs(const uint16_t* gp, const uint16_t* hp, int64_t ldp_g, 
   }
   for (int i = 0; i < EB; ++i)
     for (int j = 0; j < UB; ++j) _mm512_storeu_ps(acc + (i * R + j) * L, sums[i][j]);
+}
+
+// w1's gradient, gw1[a, c, j] = sum_t gh[t, a*Q + c] x[t, a*P + j], from the same
+// pairs of tokens: vectors along j (x's pairs), gh's pair for one c broadcast.
+// acc[c, j0..j0+16*JV) += ... for CB values of c (rows P apart).
+template <int CB, int JV>
+inline void sum_w1_pairs(const uint16_t* ghp, int64_t ldp_gh, const uint16_t* xp, int64_t ldp_x,
+                         int64_t pairs, float* acc, int64_t P) {
+  __m512 sums[CB][JV];
+  for (int i = 0; i < CB; ++i)
+    for (int j = 0; j < JV; ++j) sums[i][j] = _mm512_loadu_ps(acc + i * P + j * kLanes);
+  for (int64_t tp = 0; tp < pairs; ++tp) {
+    __m512bh xv[JV];
+    for (int j = 0; j < JV; ++j)
+      xv[j] = as_bh(_mm512_loadu_si512(xp + tp * ldp_x + 2 * j * kLanes));
+#pragma GCC unroll 16
+    for (int i = 0; i < CB; ++i) {
+      int32_t pair;
+      std::memcpy(&pair, ghp + tp * ldp_gh + 2 * i, sizeof pair);
+      const __m512bh gs = as_bh(_mm512_set1_epi32(pair));
+      for (int j = 0; j < JV; ++j) sums[i][j] = _mm512_dpbf16_ps(sums[i][j], gs, xv[j]);
+    }
+  }
+  for (int i = 0; i < CB; ++i)
+    for (int j = 0; j < JV; ++j) _mm512_storeu_ps(acc + i * P + j * kLanes, sums[i][j]);
+}
+
+// gw2p[e, u, v] += sum over the packed pairs (gp: g's, hp: h's) for every e, u, v.
+void sum_w2(const uint16_t* gp, int64_t ldp_g, const uint16_t* hp, int64_t ldp_h, int64_t pairs,
+            int64_t S, int64_t R, int64_t L, float* acc) {
+  for (int64_t v0 = 0; v0 < L; v0 += kLanes) {
+    int64_t e = 0;
+    for (; e + 4 <= S; e += 4) {
+      int64_t u = 0;
+      for (; u + 4 <= R; u += 4)
+        sum_w2_pairs<4, 4>(gp + 2 * (e * L + v0), hp + 2 * (u * L + v0), ldp_g, ldp_h, pairs, L,
+                           acc + (e * R + u) * L + v0, R);
+      for (; u < R; ++u)
+        sum_w2_pairs<4, 1>(gp + 2 * (e * L + v0), hp + 2 * (u * L + v0), ldp_g, ldp_h, pairs, L,
+                           acc + (e * R + u) * L + v0, R);
+    }
+    for (; e < S; ++e)
+      for (int64_t u = 0; u < R; ++u)
+        sum_w2_pairs<1, 1>(gp + 2 * (e * L + v0), hp + 2 * (u * L + v0), ldp_g, ldp_h, pairs, L,
+                           acc + (e * R + u) * L + v0, R);
+  }
+}
+
+// gw1[a, c, j] += sum over the packed pairs (ghp: grad h's, xp: x's) for every a, c, j;
+// Q and P multiples of 16.
+void sum_w1(const uint16_t* ghp, int64_t ldp_gh, const uint16_t* xp, int64_t ldp_x,
+            int64_t pairs, int64_t K, int64_t Q, int64_t P, float* acc) {
+  for (int64_t a = 0; a < K; ++a) {
+    int64_t j0 = 0;
+    for (; j0 + 2 * kLanes <= P; j0 += 2 * kLanes)
+      for (int64_t c = 0; c < Q; c += 8)
+        sum_w1_pairs<8, 2>(ghp + 2 * (a * Q + c), ldp_gh, xp + 2 * (a * P + j0), ldp_x, pairs,
+                           acc + (a * Q + c) * P + j0, P);
+    if (j0 < P)
+      for (int64_t c = 0; c < Q; c += 16)
+        sum_w1_pairs<16, 1>(ghp + 2 * (a * Q + c), ldp_gh, xp + 2 * (a * P + j0), ldp_x, pairs,
+                            acc + (a * Q + c) * P + j0, P);
+  }
+}
+
+// rows rows of `bytes` from p (ld elements apart) towards L2.
+inline void prefetch_rows(const uint16_t* p, int64_t ld, int64_t rows, int64_t bytes) {
+  for (int64_t t = 0; t < rows; ++t)
+    for (int64_t b = 0; b < bytes; b += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(p + t * ld) + b, _MM_HINT_T1);
 }
 
 // In parallel over the tokens: run(std::integral_constant<int, kTile>{}, t0, scratch) for
@@ -283,135 +339,151 @@ void small_blocks_forward_dpbf16_(torch::Tensor y, torch::Tensor x, torch::Tenso
   const auto* w1 = reinterpret_cast<const uint16_t*>(w1p.data_ptr());
   const auto* w2 = reinterpret_cast<const uint16_t*>(w2p.data_ptr());
   const int64_t ldx = x.stride(0), ldy = y.stride(0);
-  const int64_t ldm = K * Q + kLanes;            // rows padded off the 4 KiB set stride
+  const int64_t ldm = K * Q + 2 * kLanes;  // scratch rows padded off the 4 KiB set stride
   const int64_t ldp = pairs * L * 2 + 2 * kLanes;
   over_tiles(
       n,
-      [&] {  // the tile's middle (float32), then packed in pairs of u (bf16)
-        return std::make_pair(std::vector<float>(kTile * ldm), std::vector<uint16_t>(kTile * ldp));
+      [&] {  // the tile's middle (unless kept in mid), then packed in pairs of u
+        return std::make_pair(aligned_vector<uint16_t>(mid_out != nullptr ? 0 : kTile * ldm),
+                              aligned_vector<uint16_t>(kTile * ldp));
       },
       [&](auto nt, int64_t t0, auto& scratch) {
-        tile<decltype(nt)::value>(xp + t0 * ldx, ldx, w1, w2, b, K, P, Q, E, U, L,
-                                  scratch.first.data(), ldm, scratch.second.data(), ldp,
-                                  yp + t0 * ldy, ldy, mid_out ? mid_out + t0 * K * Q : nullptr);
+        uint16_t* h = mid_out != nullptr ? mid_out + t0 * K * Q : scratch.first.data();
+        tile<decltype(nt)::value>(xp + t0 * ldx, ldx, w1, w2, b, K, P, Q, E, U, L, h,
+                                  mid_out != nullptr ? K * Q : ldm, scratch.second.data(), ldp,
+                                  yp + t0 * ldy, ldy);
       });
 }
 
-// grad x and grad h of small_blocks_forward_dpbf16_ for bf16 g (N, s*l): gh (N, k*q)
-// and gx (N, k*p) receive them (rows contiguous); w2g (r, ceil(s/2), l, 2) and
-// w1g (k, q/2, p, 2) are the factors packed in pairs along their sums
-// (w2g[u, e/2, v, i] = w2[v, e + i, u], w1g[a, c/2, j, i] = w1[a, c + i, j]).
-// Needs l and p multiples of 16, q even.
-void small_blocks_grad_x_dpbf16_(torch::Tensor gx, torch::Tensor gh, torch::Tensor g,
-                                 torch::Tensor w2g, torch::Tensor w1g) {
-  auto bf16_rows = [](const torch::Tensor& t) {
-    return t.device().is_cpu() && t.scalar_type() == at::kBFloat16 && t.dim() == 2 &&
-           t.stride(1) == 1;
-  };
-  TORCH_CHECK(bf16_rows(gx) && bf16_rows(gh) && bf16_rows(g),
-              "small_blocks_grad_x_dpbf16_: gx, gh and g must be bf16 CPU matrices with "
-              "contiguous rows");
+// The backward of small_blocks_forward_dpbf16_ in one pass over the tokens, for bf16
+// g (N, s*l): gx (N, k*p) bf16, gw1 (k, q, p) and gw2p (s, r, l) float32 and colsum
+// (s*l float32, added into: g's column sums, the bias gradient), each optional.
+// x (N, k*p) is needed for gw1, h (N, k*q, the forward's middle) for gw2p; w2g
+// (r, ceil(s/2), l, 2) and w1g (k, q/2, p, 2) are the factors packed in pairs along
+// their sums (w2g[u, e/2, v, i] = w2[v, e + i, u], w1g[a, c/2, j, i] = w1[a, c + i, j]).
+//
+// Each task takes 64 tokens at a time: grad h by the strided stage, 8 tokens at a time
+// into the task's own rows (grad x from it by the block stage), then both weight
+// gradients from those 64 rows of g, h, grad h and x while they are in cache, packed
+// in pairs of tokens. Run as three passes over memory (grad x and grad h, then each
+// weight gradient from the stored grad h and the other rows) the sqrt(n) bf16 step
+// read 176 MB and spent 16 of its 26 ms in the weight gradients (docs/speed.md items
+// 18 and 25). Sums are per task, added in task order (partials.h): equal runs give
+// equal bits; thread counts may differ in the last bits. Needs l, p and q multiples
+// of 16.
+void small_blocks_backward_dpbf16_(c10::optional<torch::Tensor> gx_opt,
+                                   c10::optional<torch::Tensor> gw1_opt,
+                                   c10::optional<torch::Tensor> gw2p_opt,
+                                   c10::optional<torch::Tensor> colsum_opt, torch::Tensor g,
+                                   c10::optional<torch::Tensor> x_opt,
+                                   c10::optional<torch::Tensor> h_opt, torch::Tensor w2g,
+                                   torch::Tensor w1g) {
+  auto given = [](const c10::optional<torch::Tensor>& t) { return t.has_value() && t->defined(); };
+  const bool want_x = given(gx_opt), want_w1 = given(gw1_opt), want_w2 = given(gw2p_opt),
+             want_cols = given(colsum_opt);
   TORCH_CHECK(w2g.dim() == 4 && w1g.dim() == 4 && w2g.is_contiguous() && w1g.is_contiguous() &&
                   w2g.scalar_type() == at::kBFloat16 && w1g.scalar_type() == at::kBFloat16 &&
                   w2g.size(3) == 2 && w1g.size(3) == 2,
-              "small_blocks_grad_x_dpbf16_: packed (r, s/2, l, 2) and (k, q/2, p, 2) bf16 "
+              "small_blocks_backward_dpbf16_: packed (r, s/2, l, 2) and (k, q/2, p, 2) bf16 "
               "factors expected");
   const int64_t R = w2g.size(0), L = w2g.size(2), K = w1g.size(0), Q = 2 * w1g.size(1),
-                P = w1g.size(2);
-  const int64_t n = g.size(0);
-  TORCH_CHECK(L > 0 && L % kLanes == 0 && P % kLanes == 0 && K * Q == L * R &&
-                  g.size(1) % L == 0 && (g.size(1) / L + 1) / 2 == w2g.size(1),
-              "small_blocks_grad_x_dpbf16_: l and p must be multiples of 16 and k*q == l*r");
-  const int64_t S = g.size(1) / L;
-  TORCH_CHECK(gh.size(0) == n && gh.size(1) == K * Q && gx.size(0) == n && gx.size(1) == K * P,
-              "small_blocks_grad_x_dpbf16_: gh ", gh.sizes(), " and gx ", gx.sizes(),
-              " do not fit the factors");
-  at::assert_no_internal_overlap(gx);
-  at::assert_no_internal_overlap(gh);
-  if (n == 0) return;
-  auto ptr = [](const torch::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr()); };
-  const uint16_t *gp_in = ptr(g), *w2 = ptr(w2g), *w1 = ptr(w1g);
-  uint16_t *ghp = ptr(gh), *gxp = ptr(gx);
-  const int64_t ldg = g.stride(0), ldh = gh.stride(0), ldx = gx.stride(0);
-  const int64_t ldp = (S + 1) / 2 * L * 2 + 2 * kLanes;  // rows off the 4 KiB set stride
-  const int64_t ldf = K * P + kLanes;
-  over_tiles(
-      n,
-      [&] {  // grad y packed in pairs of e (bf16), then grad x before rounding (float32)
-        return std::make_pair(std::vector<uint16_t>(kTile * ldp), std::vector<float>(kTile * ldf));
-      },
-      [&](auto nt, int64_t t0, auto& scratch) {
-        grad_tile<decltype(nt)::value>(gp_in + t0 * ldg, ldg, w2, w1, K, Q, P, S, R, L,
-                                       scratch.first.data(), ldp, ghp + t0 * ldh, ldh,
-                                       scratch.second.data(), ldf, gxp + t0 * ldx, ldx);
-      });
-}
-
-// gw2p (s, r, l) float32 = sum over the tokens of g[t, e*l + v] h[t, u*l + v], for
-// bf16 g (N, s*l) and h (N, r*l) with contiguous rows; colsum (s*l float32, or
-// undefined) = g's column sums. Per-task partial sums added in task order (partials.h).
-void small_blocks_grad_w2_dpbf16_(torch::Tensor gw2p, torch::Tensor g, torch::Tensor h,
-                                  c10::optional<torch::Tensor> colsum) {
-  TORCH_CHECK(gw2p.device().is_cpu() && gw2p.scalar_type() == at::kFloat && gw2p.dim() == 3 &&
-                  gw2p.is_contiguous(),
-              "small_blocks_grad_w2_dpbf16_: gw2p must be a contiguous float32 CPU (s, r, l)");
-  const int64_t S = gw2p.size(0), R = gw2p.size(1), L = gw2p.size(2), n = g.size(0);
+                P = w1g.size(2), n = g.size(0);
   auto bf16_rows = [n](const torch::Tensor& t, int64_t cols) {
     return t.device().is_cpu() && t.scalar_type() == at::kBFloat16 && t.dim() == 2 &&
            t.stride(1) == 1 && t.size(0) == n && t.size(1) == cols;
   };
-  TORCH_CHECK(L > 0 && L % kLanes == 0,
-              "small_blocks_grad_w2_dpbf16_: l must be a positive multiple of 16");
-  TORCH_CHECK(bf16_rows(g, S * L) && bf16_rows(h, R * L),
-              "small_blocks_grad_w2_dpbf16_: g (N, s*l) and h (N, r*l) must be bf16 CPU "
-              "matrices with contiguous rows, got ", g.sizes(), " and ", h.sizes());
-  float* cs = nullptr;
-  if (colsum.has_value() && colsum->defined()) {
-    TORCH_CHECK(colsum->device().is_cpu() && colsum->scalar_type() == at::kFloat &&
-                    colsum->is_contiguous() && colsum->numel() == S * L,
-                "small_blocks_grad_w2_dpbf16_: colsum must be a contiguous float32 CPU tensor of ",
-                S * L);
-    cs = colsum->data_ptr<float>();
-  }
-  gw2p.zero_();
+  TORCH_CHECK(L > 0 && L % kLanes == 0 && P % kLanes == 0 && Q % kLanes == 0 &&
+                  K * Q == L * R && g.dim() == 2 && g.size(1) % L == 0 &&
+                  (g.size(1) / L + 1) / 2 == w2g.size(1),
+              "small_blocks_backward_dpbf16_: l, p and q must be multiples of 16, k*q == l*r "
+              "and g (N, s*l)");
+  const int64_t S = g.size(1) / L;
+  TORCH_CHECK(bf16_rows(g, S * L), "small_blocks_backward_dpbf16_: g must be a bf16 CPU matrix "
+              "with contiguous rows");
+  auto sums = [](const c10::optional<torch::Tensor>& t, std::initializer_list<int64_t> shape) {
+    return t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() &&
+           t->sizes() == at::IntArrayRef(shape);
+  };
+  TORCH_CHECK(!want_x || bf16_rows(*gx_opt, K * P), "small_blocks_backward_dpbf16_: gx ",
+              want_x ? gx_opt->sizes() : at::IntArrayRef{}, " does not fit the factors");
+  TORCH_CHECK(!want_w1 || sums(gw1_opt, {K, Q, P}),
+              "small_blocks_backward_dpbf16_: gw1 must be a contiguous float32 CPU (k, q, p)");
+  TORCH_CHECK(!want_w2 || sums(gw2p_opt, {S, R, L}),
+              "small_blocks_backward_dpbf16_: gw2p must be a contiguous float32 CPU (s, r, l)");
+  TORCH_CHECK(!want_cols || sums(colsum_opt, {S * L}),
+              "small_blocks_backward_dpbf16_: colsum must be a contiguous float32 CPU tensor of ",
+              S * L);
+  TORCH_CHECK(!want_w1 || (given(x_opt) && bf16_rows(*x_opt, K * P)),
+              "small_blocks_backward_dpbf16_: w1's gradient needs x (N, k*p), bf16 rows");
+  TORCH_CHECK(!want_w2 || (given(h_opt) && bf16_rows(*h_opt, K * Q)),
+              "small_blocks_backward_dpbf16_: w2's gradient needs h (N, k*q), bf16 rows");
+  if (want_x) at::assert_no_internal_overlap(*gx_opt);
+  if (want_w1) gw1_opt->zero_();
+  if (want_w2) gw2p_opt->zero_();
   if (n == 0) return;
-  const auto* G = reinterpret_cast<const uint16_t*>(g.data_ptr());
-  const auto* H = reinterpret_cast<const uint16_t*>(h.data_ptr());
-  const int64_t ldg = g.stride(0), ldh = h.stride(0);
-  const int64_t ldp_g = 2 * S * L + 2 * kLanes, ldp_h = 2 * R * L + 2 * kLanes;  // off 4 KiB
-  const int64_t tiles = (n + 2 * kPairTile - 1) / (2 * kPairTile);
-  OrderedPartials<float> sums, columns;
+  auto ptr = [](const torch::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr()); };
+  const uint16_t *G = ptr(g), *w2 = ptr(w2g), *w1 = ptr(w1g);
+  const uint16_t* X = want_w1 ? ptr(*x_opt) : nullptr;
+  const uint16_t* H = want_w2 ? ptr(*h_opt) : nullptr;
+  uint16_t* GX = want_x ? ptr(*gx_opt) : nullptr;
+  const int64_t ldg = g.stride(0), ldx_in = want_w1 ? x_opt->stride(0) : 0,
+                ldh_in = want_w2 ? h_opt->stride(0) : 0, ldgx = want_x ? gx_opt->stride(0) : 0;
+  const bool grad_h = want_x || want_w1;  // the strided stage
+  const int64_t ldp = (S + 1) / 2 * L * 2 + 2 * kLanes;  // rows off the 4 KiB set stride
+  const int64_t ldgh = K * Q + 2 * kLanes;
+  // pairs of tokens: rows of a packed tile, the widest of g, h, grad h and x (+ 64 bytes)
+  const int64_t ldpair = 2 * std::max(S * L, std::max(K * Q, K * P)) + 2 * kLanes;
+  constexpr int64_t kTokens = 2 * kPairTile;
+  const int64_t tiles = (n + kTokens - 1) / kTokens;
+  OrderedPartials<float> w1_sums, w2_sums, columns;
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(S * R * L, 0.f), col(cs != nullptr ? S * L : 0, 0.f);
-    std::vector<uint16_t> gp(kPairTile * ldp_g), hp(kPairTile * ldp_h);
+    std::vector<float> acc1(want_w1 ? K * Q * P : 0, 0.f), acc2(want_w2 ? S * R * L : 0, 0.f),
+        col(want_cols ? S * L : 0, 0.f);
+    aligned_vector<uint16_t> ge(grad_h ? kTile * ldp : 0), gh(grad_h ? kTokens * ldgh : 0);
+    aligned_vector<uint16_t> first(kPairTile * ldpair), second(kPairTile * ldpair);
     for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t t0 = tile * 2 * kPairTile, nt = std::min<int64_t>(2 * kPairTile, n - t0);
-      const int64_t pairs = (nt + 1) / 2;
-      bf16_pairs::pack_token_pairs(G + t0 * ldg, ldg, S * L, nt, gp.data(), ldp_g,
-                                   cs != nullptr ? col.data() : nullptr);
-      bf16_pairs::pack_token_pairs(H + t0 * ldh, ldh, R * L, nt, hp.data(), ldp_h);
-      for (int64_t v0 = 0; v0 < L; v0 += kLanes) {
-        int64_t e = 0;
-        for (; e + 4 <= S; e += 4) {
-          int64_t u = 0;
-          for (; u + 4 <= R; u += 4)
-            sum_w2_pairs<4, 4>(gp.data() + 2 * (e * L + v0), hp.data() + 2 * (u * L + v0), ldp_g,
-                               ldp_h, pairs, L, acc.data() + (e * R + u) * L + v0, R);
-          for (; u < R; ++u)
-            sum_w2_pairs<4, 1>(gp.data() + 2 * (e * L + v0), hp.data() + 2 * (u * L + v0), ldp_g,
-                               ldp_h, pairs, L, acc.data() + (e * R + u) * L + v0, R);
+      const int64_t t0 = tile * kTokens, nt = std::min(kTokens, n - t0), pairs = (nt + 1) / 2;
+      if (grad_h) {
+        for (int64_t i = 0; i < nt; i += kTile) {
+          const int64_t ti = t0 + i;
+          if (ti + kTokens + kTile <= n) {  // the next tile's rows into L2, 8 at a time
+            prefetch_rows(G + (ti + kTokens) * ldg, ldg, kTile, 2 * S * L);
+            if (want_w1) prefetch_rows(X + (ti + kTokens) * ldx_in, ldx_in, kTile, 2 * K * P);
+            if (want_w2) prefetch_rows(H + (ti + kTokens) * ldh_in, ldh_in, kTile, 2 * K * Q);
+          }
+          if (i + kTile <= nt) {
+            grad_tile<kTile>(G + ti * ldg, ldg, w2, w1, K, Q, P, S, R, L, ge.data(), ldp,
+                             gh.data() + i * ldgh, ldgh,
+                             want_x ? GX + ti * ldgx : nullptr, ldgx);
+          } else {
+            for (int64_t t = i; t < nt; ++t)  // the ragged last tokens, one at a time
+              grad_tile<1>(G + (t0 + t) * ldg, ldg, w2, w1, K, Q, P, S, R, L, ge.data(), ldp,
+                           gh.data() + t * ldgh, ldgh,
+                           want_x ? GX + (t0 + t) * ldgx : nullptr, ldgx);
+          }
         }
-        for (; e < S; ++e)
-          for (int64_t u = 0; u < R; ++u)
-            sum_w2_pairs<1, 1>(gp.data() + 2 * (e * L + v0), hp.data() + 2 * (u * L + v0), ldp_g,
-                               ldp_h, pairs, L, acc.data() + (e * R + u) * L + v0, R);
+      }
+      if (want_w2 || want_cols) {
+        bf16_pairs::pack_token_pairs(G + t0 * ldg, ldg, S * L, nt, first.data(), ldpair,
+                                     want_cols ? col.data() : nullptr);
+        if (want_w2) {
+          bf16_pairs::pack_token_pairs(H + t0 * ldh_in, ldh_in, K * Q, nt, second.data(), ldpair);
+          sum_w2(first.data(), ldpair, second.data(), ldpair, pairs, S, R, L, acc2.data());
+        }
+      }
+      if (want_w1) {
+        bf16_pairs::pack_token_pairs(gh.data(), ldgh, K * Q, nt, first.data(), ldpair);
+        bf16_pairs::pack_token_pairs(X + t0 * ldx_in, ldx_in, K * P, nt, second.data(), ldpair);
+        sum_w1(first.data(), ldpair, second.data(), ldpair, pairs, K, Q, P, acc1.data());
       }
     }
-    sums.add(begin, std::move(acc));
-    if (cs != nullptr) columns.add(begin, std::move(col));
+    if (want_w1) w1_sums.add(begin, std::move(acc1));
+    if (want_w2) w2_sums.add(begin, std::move(acc2));
+    if (want_cols) columns.add(begin, std::move(col));
   });
-  sums.sum_into(gw2p.data_ptr<float>());
-  if (cs != nullptr) columns.sum_into(cs);
+  if (want_w1) w1_sums.sum_into(gw1_opt->data_ptr<float>());
+  if (want_w2) w2_sums.sum_into(gw2p_opt->data_ptr<float>());
+  if (want_cols) columns.sum_into(colsum_opt->data_ptr<float>());
 }
 
 #else  // no AVX512-BF16: callers check bf16_dot() (module.cpp) first
@@ -421,14 +493,11 @@ void small_blocks_forward_dpbf16_(torch::Tensor, torch::Tensor, torch::Tensor, t
   TORCH_CHECK(false, "small_blocks_forward_dpbf16_: built without AVX512-BF16");
 }
 
-void small_blocks_grad_x_dpbf16_(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
-                                 torch::Tensor) {
-  TORCH_CHECK(false, "small_blocks_grad_x_dpbf16_: built without AVX512-BF16");
-}
-
-void small_blocks_grad_w2_dpbf16_(torch::Tensor, torch::Tensor, torch::Tensor,
-                                  c10::optional<torch::Tensor>) {
-  TORCH_CHECK(false, "small_blocks_grad_w2_dpbf16_: built without AVX512-BF16");
+void small_blocks_backward_dpbf16_(c10::optional<torch::Tensor>, c10::optional<torch::Tensor>,
+                                   c10::optional<torch::Tensor>, c10::optional<torch::Tensor>,
+                                   torch::Tensor, c10::optional<torch::Tensor>,
+                                   c10::optional<torch::Tensor>, torch::Tensor, torch::Tensor) {
+  TORCH_CHECK(false, "small_blocks_backward_dpbf16_: built without AVX512-BF16");
 }
 
 #endif
