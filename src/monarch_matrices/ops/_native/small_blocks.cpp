@@ -280,6 +280,16 @@ struct Dims {
   int64_t k, q, p, l, s, r;
 };
 
+// `cols` elements of `rows` rows from p (ld apart) towards L2: the next tile's rows
+// while this one is summed (the bf16 one-pass backward: 1.10-1.16x, docs/speed.md
+// item 25).
+template <typename T>
+inline void prefetch_rows(const T* p, int64_t ld, int64_t rows, int64_t cols) {
+  for (int64_t t = 0; t < rows; ++t)
+    for (int64_t b = 0; b < cols * int64_t(sizeof(T)); b += 64)
+      __builtin_prefetch(reinterpret_cast<const char*>(p + t * ld) + b, 0, 2);
+}
+
 // gw1t[a, j, c] += sum_t x[t, a*p + j] gh[t, a*q + c];  gw2p[e, u, v] += sum_t g[t, e*l + v] h[t, u*l + v];
 // colsum[i] += sum_t g[t, i] (the bias gradient, in float64, while g's tile is in cache:
 // a separate float64 sum of grad y cost 15% of a float32 sqrt(n) training step)
@@ -303,11 +313,16 @@ void grad_w_impl(float* gw1t, float* gw2p, double* colsum, const T* x, const T* 
     std::vector<float> hf(gw2p ? kSumTile * padded(mid_w) : 0);
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t t0 = tile * kSumTile, nt = std::min<int64_t>(kSumTile, n - t0);
+      const bool ahead = t0 + 2 * kSumTile <= n;  // a full tile follows: fetch its rows
       if (gw1t) {
         int64_t ldx, ldgh;
         const float* xt = as_float(x + t0 * in_w, in_w, nt, in_w, xf.data(), &ldx);
         const float* ght = as_float(gh + t0 * mid_w, mid_w, nt, mid_w, ghf.data(), &ldgh);
         for (int64_t a = 0; a < d.k; ++a) {
+          if (ahead) {  // block a's columns of the next tile
+            prefetch_rows(x + (t0 + kSumTile) * in_w + a * d.p, in_w, kSumTile, d.p);
+            prefetch_rows(gh + (t0 + kSumTile) * mid_w + a * d.q, mid_w, kSumTile, d.q);
+          }
           for (int64_t c0 = 0; c0 < d.q; c0 += kCols * kLanes) {
             const float* xa = xt + a * d.p;
             const float* ga = ght + a * d.q + c0;
@@ -326,6 +341,10 @@ void grad_w_impl(float* gw1t, float* gw2p, double* colsum, const T* x, const T* 
           for (int64_t i = 0; i < out_w; ++i) a3[i] += gt[t * ldg + i];
         if (!gw2p) continue;
         const float* ht = as_float(h + t0 * mid_w, mid_w, nt, mid_w, hf.data(), &ldh);
+        if (ahead) {
+          prefetch_rows(g + (t0 + kSumTile) * out_w, out_w, kSumTile, out_w);
+          prefetch_rows(h + (t0 + kSumTile) * mid_w, mid_w, kSumTile, mid_w);
+        }
         for (int64_t v0 = 0; v0 < d.l; v0 += kLanes) {
           int64_t e = 0;
           for (; e + kEW2 <= d.s; e += kEW2) {
