@@ -301,6 +301,16 @@ def test_bf16_dot_kernel_matches_float64_reference(shape, tokens):
         y = small_blocks.forward(x, w1, w2, b)  # inference, bf16: the dot-product kernel
         assert y.dtype == torch.bfloat16
         assert _relative_error(y, want if b is not None else want - bias.double()) < 1e-2
+    # with the middle kept (training): the tile computes through those rows, so y has
+    # the same bits, and the middle is x's first factor rounded to bf16
+    mid = torch.full((tokens, k * q), float("nan"), dtype=torch.bfloat16)
+    kept = small_blocks.forward(x, w1, w2, bias, mid)
+    assert torch.equal(kept, small_blocks.forward(x, w1, w2, bias))
+    want_mid = torch.einsum("taj,acj->tac", x.double().view(tokens, k, p), w1.double())
+    assert _relative_error(mid, want_mid.reshape(tokens, k * q)) < 1e-2
+    if p == q:  # x would fit as the middle: refused, it is read while the middle is written
+        with pytest.raises(RuntimeError, match="single memory location"):
+            small_blocks.forward(x, w1, w2, bias, x)
 
 
 @needs_bf16_dot
@@ -382,16 +392,22 @@ def test_bf16_training_backward_takes_the_one_pass_kernel(monkeypatch, needs):
     assert [t is not None for t in (gx, gw1, gw2p, colsum)] == [bool(n) for n in needs]
 
 
-def _backward_dpbf16(shape, tokens, seed, x=True, w1=True, w2=True, bias=True):
-    """Runs small_blocks_backward_dpbf16_ on random bf16 inputs; returns its outputs and
-    the float64 values they should have (grad h rounded to bf16 between the stages)."""
+def _backward_dpbf16(shape, tokens, seed, x=True, w1=True, w2=True, bias=True, pad=0):
+    """Runs small_blocks_backward_dpbf16_ on random bf16 inputs (with `pad`, every
+    matrix a column slice of a wider one: rows further apart than their width);
+    returns its outputs and the float64 values they should have (grad h rounded to
+    bf16 between the stages)."""
     k, q, p, l, s, r = shape
     f1, f2, _ = (t.bfloat16() for t in _factors(*shape, seed=seed))
     gen = torch.Generator().manual_seed(seed)
-    xs = torch.randn(tokens, k * p, generator=gen).bfloat16()
-    h = torch.randn(tokens, k * q, generator=gen).bfloat16()
-    g = torch.randn(tokens, s * l, generator=gen).bfloat16()
-    gx = torch.full((tokens, k * p), float("nan"), dtype=torch.bfloat16) if x else None
+
+    def rows(cols, fill=None):
+        if fill is None:
+            return torch.randn(tokens, cols + pad, generator=gen).bfloat16()[:, :cols]
+        return torch.full((tokens, cols + pad), fill, dtype=torch.bfloat16)[:, :cols]
+
+    xs, h, g = rows(k * p), rows(k * q), rows(s * l)
+    gx = rows(k * p, float("nan")) if x else None
     gw1 = torch.full((k, q, p), float("nan")) if w1 else None
     gw2p = torch.full((s, r, l), float("nan")) if w2 else None
     colsum = torch.ones(s * l) if bias else None  # the kernel adds into it
@@ -415,21 +431,28 @@ def _backward_dpbf16(shape, tokens, seed, x=True, w1=True, w2=True, bias=True):
 @needs_bf16_dot
 @pytest.mark.parametrize("shape", [(32, 32, 32, 32, 32, 32), (4, 16, 16, 16, 5, 4),
                                    (2, 48, 32, 32, 3, 3), (1, 16, 16, 16, 1, 1),
-                                   (3, 16, 48, 16, 5, 3), (1, 32, 16, 16, 3, 2)])
+                                   (3, 16, 48, 16, 5, 3), (1, 32, 16, 16, 3, 2),
+                                   (3, 32, 16, 48, 4, 2)])
 @pytest.mark.parametrize("tokens", [1, 13, 64, 67, 131])
-def test_bf16_dot_backward_kernel_matches_float64(shape, tokens):
+@pytest.mark.parametrize("pad", [0, 16])
+def test_bf16_dot_backward_kernel_matches_float64(shape, tokens, pad):
     """grad x, both factor gradients and g's column sums from one pass: odd s pairs with
-    zero; p of one, two and three vectors; ragged 8-token and 64-token tiles."""
-    got, want = _backward_dpbf16(shape, tokens, seed=tokens)
+    zero; p of one, two and three vectors, l of three; ragged 8-token and 64-token
+    tiles; rows further apart than their width."""
+    got, want = _backward_dpbf16(shape, tokens, seed=tokens, pad=pad)
     assert _relative_error(got["gx"], want["gx"]) < 1e-2
-    for name in ("gw1", "gw2p", "colsum"):  # float32 sums of exact bf16 products
+    # grad h is rounded to bf16 from float32 sums here, from float64 in want: a tie
+    # broken the other way moves w1's gradient by an ulp of bf16
+    assert _relative_error(got["gw1"], want["gw1"]) < 1e-3
+    for name in ("gw2p", "colsum"):  # float32 sums of exact bf16 products
         torch.testing.assert_close(got[name].double(), want[name], rtol=1e-5,
                                    atol=1e-4 * tokens**0.5)
 
 
 @needs_bf16_dot
 @pytest.mark.parametrize("wanted", [dict(x=False), dict(w1=False), dict(w2=False, bias=False),
-                                    dict(x=False, w1=False), dict(x=False, w2=False)])
+                                    dict(x=False, w1=False), dict(x=False, w2=False),
+                                    dict(bias=False), dict(x=False, w1=False, bias=False)])
 def test_bf16_dot_backward_kernel_computes_subsets(wanted):
     """Any subset gives the bits of the full call (w1's gradient without grad x, w2's
     without grad h, ...)."""
@@ -466,10 +489,16 @@ def test_bf16_dot_backward_kernel_refuses_what_it_cannot_do():
     gw1, gw2p = torch.empty(2, 16, 16), torch.empty(2, 2, 16)
     run = kernels.small_blocks_backward_dpbf16_
     run(gx, gw1, gw2p, torch.zeros(32), g, x, h, w2g, w1g)  # fits
-    with pytest.raises(RuntimeError, match=r"gx .* does not fit"):
+    with pytest.raises(RuntimeError, match=r"gx must be a bf16 .* got \[3, 32\] Float"):
         run(gx.float(), None, None, None, g, None, None, w2g, w1g)
-    with pytest.raises(RuntimeError, match=r"gx .* does not fit"):
+    with pytest.raises(RuntimeError, match=r"gx must be .*\(3, 32\).* got \[3, 16\]"):
         run(gx[:, :16], None, None, None, g, None, None, w2g, w1g)
+    with pytest.raises(RuntimeError, match="bf16 CPU factors"):
+        run(gx, None, None, None, g, None, None, w2g.float(), w1g)
+    with pytest.raises(RuntimeError, match="g must be a matrix"):
+        run(gx, None, None, None, g[0], None, None, w2g, w1g)
+    with pytest.raises(RuntimeError, match="single memory location"):  # gx written, x read
+        run(x, gw1, None, None, g, x, None, w2g, w1g)
     with pytest.raises(RuntimeError, match="packed"):
         run(gx, None, None, None, g, None, None, w2, w1g)
     with pytest.raises(RuntimeError, match="g must be a bf16"):

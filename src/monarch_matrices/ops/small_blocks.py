@@ -139,14 +139,14 @@ class _SmallBlocksMultiply(torch.autograd.Function):
     def backward(ctx, grad_y: torch.Tensor):
         x, w1, w2, mid = ctx.saved_tensors
         need_x, need_w1, need_w2, need_bias = ctx.needs_input_grad
+        g = grad_y.contiguous()
+        if _bf16_dot(x, w1):  # pairs of bf16 products (AVX512-BF16), one pass
+            return _backward_bf16_dot(x, g, mid, w1, w2, need_x, need_w1, need_w2, need_bias)
         kernels = native.kernels()
         assert kernels is not None
         k, q, p = w1.shape
         l, s, r = w2.shape
-        g = grad_y.contiguous()
         grad_x = grad_w1 = grad_w2 = grad_bias = None
-        if _bf16_dot(x, w1):  # pairs of bf16 products (AVX512-BF16), one pass
-            return _backward_bf16_dot(x, g, mid, w1, w2, need_x, need_w1, need_w2, need_bias)
         gh = None
         if need_x or need_w1:  # grad h (and grad x) by the two stages in the other order
             gx = torch.empty_like(x)

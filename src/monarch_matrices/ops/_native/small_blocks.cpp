@@ -281,8 +281,7 @@ struct Dims {
 };
 
 // `cols` elements of `rows` rows from p (ld apart) towards L2: the next tile's rows
-// while this one is summed (the bf16 one-pass backward: 1.10-1.16x, docs/speed.md
-// item 25).
+// while this one is summed (this pass 1.16-1.23x faster, docs/speed.md item 25).
 template <typename T>
 inline void prefetch_rows(const T* p, int64_t ld, int64_t rows, int64_t cols) {
   for (int64_t t = 0; t < rows; ++t)

@@ -18,7 +18,7 @@
 // The middle is rounded to bf16 between the factors, as the chunked path's bf16
 // GEMMs round it, and like them (oneDNN uses the same instruction) subnormal
 // inputs and products count as zero; `mid` (or null) receives h in bf16 for
-// backward. Needs p even and q, l multiples of 16.
+// backward. The forward needs p even and q, l multiples of 16; the backward p too.
 
 #include <torch/extension.h>
 
@@ -332,6 +332,9 @@ void small_blocks_forward_dpbf16_(torch::Tensor y, torch::Tensor x, torch::Tenso
                     mid->size(0) == n && mid->size(1) == K * Q,
                 "small_blocks_forward_dpbf16_: mid must be a contiguous bf16 CPU (N, k*q)");
     mid_out = reinterpret_cast<uint16_t*>(mid->data_ptr());
+    // the tile's middle is written there and read back before y is written
+    at::assert_no_overlap(*mid, x);
+    at::assert_no_overlap(*mid, y);
   }
   if (n == 0) return;
   const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
@@ -339,7 +342,7 @@ void small_blocks_forward_dpbf16_(torch::Tensor y, torch::Tensor x, torch::Tenso
   const auto* w1 = reinterpret_cast<const uint16_t*>(w1p.data_ptr());
   const auto* w2 = reinterpret_cast<const uint16_t*>(w2p.data_ptr());
   const int64_t ldx = x.stride(0), ldy = y.stride(0);
-  const int64_t ldm = K * Q + 2 * kLanes;  // scratch rows padded off the 4 KiB set stride
+  const int64_t ldm = (K * Q + 31) / 32 * 32 + 2 * kLanes;  // 64-byte rows, off 4 KiB
   const int64_t ldp = pairs * L * 2 + 2 * kLanes;
   over_tiles(
       n,
@@ -381,11 +384,13 @@ void small_blocks_backward_dpbf16_(c10::optional<torch::Tensor> gx_opt,
   auto given = [](const c10::optional<torch::Tensor>& t) { return t.has_value() && t->defined(); };
   const bool want_x = given(gx_opt), want_w1 = given(gw1_opt), want_w2 = given(gw2p_opt),
              want_cols = given(colsum_opt);
-  TORCH_CHECK(w2g.dim() == 4 && w1g.dim() == 4 && w2g.is_contiguous() && w1g.is_contiguous() &&
+  TORCH_CHECK(w2g.device().is_cpu() && w1g.device().is_cpu() && w2g.dim() == 4 &&
+                  w1g.dim() == 4 && w2g.is_contiguous() && w1g.is_contiguous() &&
                   w2g.scalar_type() == at::kBFloat16 && w1g.scalar_type() == at::kBFloat16 &&
                   w2g.size(3) == 2 && w1g.size(3) == 2,
-              "small_blocks_backward_dpbf16_: packed (r, s/2, l, 2) and (k, q/2, p, 2) bf16 "
+              "small_blocks_backward_dpbf16_: packed (r, s/2, l, 2) and (k, q/2, p, 2) bf16 CPU "
               "factors expected");
+  TORCH_CHECK(g.dim() == 2, "small_blocks_backward_dpbf16_: g must be a matrix, got ", g.sizes());
   const int64_t R = w2g.size(0), L = w2g.size(2), K = w1g.size(0), Q = 2 * w1g.size(1),
                 P = w1g.size(2), n = g.size(0);
   auto bf16_rows = [n](const torch::Tensor& t, int64_t cols) {
@@ -393,10 +398,10 @@ void small_blocks_backward_dpbf16_(c10::optional<torch::Tensor> gx_opt,
            t.stride(1) == 1 && t.size(0) == n && t.size(1) == cols;
   };
   TORCH_CHECK(L > 0 && L % kLanes == 0 && P % kLanes == 0 && Q % kLanes == 0 &&
-                  K * Q == L * R && g.dim() == 2 && g.size(1) % L == 0 &&
-                  (g.size(1) / L + 1) / 2 == w2g.size(1),
+                  K * Q == L * R && g.size(1) % L == 0 && (g.size(1) / L + 1) / 2 == w2g.size(1),
               "small_blocks_backward_dpbf16_: l, p and q must be multiples of 16, k*q == l*r "
-              "and g (N, s*l)");
+              "and g (N, s*l) with w2g (r, ceil(s/2), l, 2); got g ", g.sizes(), ", w2g ",
+              w2g.sizes(), ", w1g ", w1g.sizes());
   const int64_t S = g.size(1) / L;
   TORCH_CHECK(bf16_rows(g, S * L), "small_blocks_backward_dpbf16_: g must be a bf16 CPU matrix "
               "with contiguous rows");
@@ -404,8 +409,10 @@ void small_blocks_backward_dpbf16_(c10::optional<torch::Tensor> gx_opt,
     return t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() &&
            t->sizes() == at::IntArrayRef(shape);
   };
-  TORCH_CHECK(!want_x || bf16_rows(*gx_opt, K * P), "small_blocks_backward_dpbf16_: gx ",
-              want_x ? gx_opt->sizes() : at::IntArrayRef{}, " does not fit the factors");
+  TORCH_CHECK(!want_x || bf16_rows(*gx_opt, K * P),
+              "small_blocks_backward_dpbf16_: gx must be a bf16 CPU (N, k*p) = (", n, ", ", K * P,
+              ") matrix with contiguous rows, got ", want_x ? gx_opt->sizes() : at::IntArrayRef{},
+              want_x ? " " : "", want_x ? c10::toString(gx_opt->scalar_type()) : "");
   TORCH_CHECK(!want_w1 || sums(gw1_opt, {K, Q, P}),
               "small_blocks_backward_dpbf16_: gw1 must be a contiguous float32 CPU (k, q, p)");
   TORCH_CHECK(!want_w2 || sums(gw2p_opt, {S, R, L}),
@@ -417,7 +424,12 @@ void small_blocks_backward_dpbf16_(c10::optional<torch::Tensor> gx_opt,
               "small_blocks_backward_dpbf16_: w1's gradient needs x (N, k*p), bf16 rows");
   TORCH_CHECK(!want_w2 || (given(h_opt) && bf16_rows(*h_opt, K * Q)),
               "small_blocks_backward_dpbf16_: w2's gradient needs h (N, k*q), bf16 rows");
-  if (want_x) at::assert_no_internal_overlap(*gx_opt);
+  if (want_x) {  // gx is written while g, x and h are still to be read
+    at::assert_no_internal_overlap(*gx_opt);
+    at::assert_no_overlap(*gx_opt, g);
+    if (want_w1) at::assert_no_overlap(*gx_opt, *x_opt);
+    if (want_w2) at::assert_no_overlap(*gx_opt, *h_opt);
+  }
   if (want_w1) gw1_opt->zero_();
   if (want_w2) gw2p_opt->zero_();
   if (n == 0) return;
@@ -430,7 +442,7 @@ void small_blocks_backward_dpbf16_(c10::optional<torch::Tensor> gx_opt,
                 ldh_in = want_w2 ? h_opt->stride(0) : 0, ldgx = want_x ? gx_opt->stride(0) : 0;
   const bool grad_h = want_x || want_w1;  // the strided stage
   const int64_t ldp = (S + 1) / 2 * L * 2 + 2 * kLanes;  // rows off the 4 KiB set stride
-  const int64_t ldgh = K * Q + 2 * kLanes;
+  const int64_t ldgh = (K * Q + 31) / 32 * 32 + 2 * kLanes;  // 64-byte rows, off 4 KiB
   // pairs of tokens: rows of a packed tile, the widest of g, h, grad h and x (+ 64 bytes)
   const int64_t ldpair = 2 * std::max(S * L, std::max(K * Q, K * P)) + 2 * kLanes;
   constexpr int64_t kTokens = 2 * kPairTile;
