@@ -28,6 +28,7 @@
 
 #include <ATen/Parallel.h>
 
+#include "aligned.h"
 #include "partials.h"
 #include "vec.h"
 
@@ -196,9 +197,9 @@ void two_stages(T* out, int64_t ldo, const T* in, int64_t ldi, int64_t n, const 
   const int64_t tiles = (n + kTile - 1) / kTile;
   at::parallel_for(0, tiles, 4, [&](int64_t begin, int64_t end) {
     const int64_t ldm = padded(middle);
-    std::vector<float> mid(kTile * ldm);
-    std::vector<float> in_f(is_float ? 0 : kTile * padded(width));
-    std::vector<float> tmp(is_float ? 0 : kTile * s2.out_width());
+    aligned_vector<float> mid(kTile * ldm);
+    aligned_vector<float> in_f(is_float ? 0 : kTile * padded(width));
+    aligned_vector<float> tmp(is_float ? 0 : kTile * s2.out_width());
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t t0 = tile * kTile;
       const int64_t nt = std::min<int64_t>(kTile, n - t0);
