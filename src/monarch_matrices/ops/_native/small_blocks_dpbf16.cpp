@@ -50,11 +50,14 @@ inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh>(v); }
 inline __m256i round16(__m512 v) { return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)); }
 
 // out[t, a*Q + c] for t < NT, rounded to bf16: the first factor over pairs of j, C
-// vectors of c at a time (each broadcast of x feeds C products).
+// vectors of c at a time (each broadcast of x feeds C products). Forced inline, as is
+// second_factor_rows: called out of line, GCC kept the accumulators in a stack array,
+// zeroed and copied on every call of 16 steps (forward 1.07-1.15x faster inlined,
+// backward 1.02-1.03x, docs/speed.md item 25).
 template <int NT, int C>
-inline void first_factor_columns(const uint16_t* xa, int64_t ldx, const uint16_t* wa,
-                                 int64_t pairs, int64_t Q, int64_t c0, uint16_t* out,
-                                 int64_t ldo) {
+__attribute__((always_inline)) inline void first_factor_columns(
+    const uint16_t* xa, int64_t ldx, const uint16_t* wa, int64_t pairs, int64_t Q, int64_t c0,
+    uint16_t* out, int64_t ldo) {
   __m512 acc[NT][C];
   for (int t = 0; t < NT; ++t)
     for (int i = 0; i < C; ++i) acc[t][i] = _mm512_setzero_ps();
@@ -112,9 +115,9 @@ void pack_rows_bf16(const uint16_t* g, int64_t ldg, int64_t S, int64_t L, uint16
 // y[t, e*L + v] = sum_u h[t, u*L + v] w2[v, e, u] (+ bias) for t < NT, pairs of u;
 // E2 values of e at a time (each load of h feeds E2 products).
 template <int NT, int E2>
-inline void second_factor_rows(const uint16_t* hp, int64_t ldp, const uint16_t* w2p,
-                               int64_t pairs, int64_t L, int64_t e, int64_t v0,
-                               const float* bias, uint16_t* y, int64_t ldy) {
+__attribute__((always_inline)) inline void second_factor_rows(
+    const uint16_t* hp, int64_t ldp, const uint16_t* w2p, int64_t pairs, int64_t L, int64_t e,
+    int64_t v0, const float* bias, uint16_t* y, int64_t ldy) {
   __m512 acc[NT][E2];
   for (int t = 0; t < NT; ++t)
     for (int i = 0; i < E2; ++i) acc[t][i] = _mm512_setzero_ps();
