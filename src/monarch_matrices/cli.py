@@ -286,6 +286,12 @@ def _fidelity_text(f: dict[str, Any]) -> str:
             f"neighbour kept {f['nn_agreement']:.0%}, top-3 overlap {f['top3_overlap']:.0%}")
 
 
+def _is_text_model(model: Any, tokenizer: Any) -> bool:
+    """Whether ``model`` reads token ids and came with a tokenizer (so the fidelity
+    sentences and calibration texts apply)."""
+    return tokenizer is not None and getattr(model, "main_input_name", "") == "input_ids"
+
+
 def _error_inputs(
     model: Any, tokenizer: Any, inputs: dict[str, Any] | None
 ) -> tuple[dict[str, Any] | None, str]:
@@ -294,7 +300,7 @@ def _error_inputs(
     it), else the random latency batch."""
     from .convert.measure import SENTENCES, text_inputs
 
-    if tokenizer is not None and getattr(model, "main_input_name", "") == "input_ids":
+    if _is_text_model(model, tokenizer):
         try:
             return text_inputs(model, tokenizer), f"{len(SENTENCES)} fidelity sentences"
         except ValueError:
@@ -367,7 +373,7 @@ def _convert(args: argparse.Namespace) -> int:
     if texts:
         from .convert.calibrate import text_batches
 
-        if tokenizer is None or getattr(model, "main_input_name", "") != "input_ids":
+        if not _is_text_model(model, tokenizer):
             raise _Failure("--calibrate needs a text model with a tokenizer", EXIT_USAGE)
         if config.init != "project":
             raise _Failure("--calibrate needs --init project", EXIT_USAGE)
@@ -415,7 +421,7 @@ def _convert(args: argparse.Namespace) -> int:
     if error_inputs is not None:
         measurements["output_relative_error"] = output_error(dense, model, error_inputs)
         measurements["output_error_inputs"] = error_on
-    if tokenizer is not None and getattr(model, "main_input_name", "") == "input_ids":
+    if _is_text_model(model, tokenizer):
         fidelity = sentence_fidelity(dense, model, tokenizer)
         measurements["fidelity"] = fidelity.to_dict()
     baseline = None

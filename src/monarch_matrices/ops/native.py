@@ -41,7 +41,7 @@ SOURCE_NAMES = (
     "permute.cpp", "small_blocks.cpp", "small_blocks_dpbf16.cpp", "few_tokens.cpp",
     "weight_grad_dpbf16.cpp", "module.cpp",
 )
-HEADER_NAMES = ("aligned.h", "bf16_pairs.h", "group_transpose.h", "partials.h", "vec.h")
+HEADER_NAMES = ("bf16_pairs.h", "cache_lines.h", "group_transpose.h", "partials.h", "vec.h")
 
 
 def sources() -> list[Path]:

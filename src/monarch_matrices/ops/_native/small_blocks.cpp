@@ -28,7 +28,7 @@
 
 #include <ATen/Parallel.h>
 
-#include "aligned.h"
+#include "cache_lines.h"
 #include "partials.h"
 #include "vec.h"
 
@@ -280,15 +280,6 @@ inline void sum_w2_block(const float* g, int64_t ldg, const float* h, int64_t ld
 struct Dims {
   int64_t k, q, p, l, s, r;
 };
-
-// `cols` elements of `rows` rows from p (ld apart) towards L2: the next tile's rows
-// while this one is summed (this pass 1.16-1.23x faster, docs/speed.md item 25).
-template <typename T>
-inline void prefetch_rows(const T* p, int64_t ld, int64_t rows, int64_t cols) {
-  for (int64_t t = 0; t < rows; ++t)
-    for (int64_t b = 0; b < cols * int64_t(sizeof(T)); b += 64)
-      __builtin_prefetch(reinterpret_cast<const char*>(p + t * ld) + b, 0, 2);
-}
 
 // gw1t[a, j, c] += sum_t x[t, a*p + j] gh[t, a*q + c];  gw2p[e, u, v] += sum_t g[t, e*l + v] h[t, u*l + v];
 // colsum[i] += sum_t g[t, i] (the bias gradient, in float64, while g's tile is in cache:

@@ -25,7 +25,7 @@
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 
-#include "aligned.h"
+#include "cache_lines.h"
 #include "bf16_pairs.h"
 #include "partials.h"
 
@@ -267,13 +267,6 @@ void sum_w1(const uint16_t* ghp, int64_t ldp_gh, const uint16_t* xp, int64_t ldp
   }
 }
 
-// rows rows of `bytes` from p (ld elements apart) towards L2.
-inline void prefetch_rows(const uint16_t* p, int64_t ld, int64_t rows, int64_t bytes) {
-  for (int64_t t = 0; t < rows; ++t)
-    for (int64_t b = 0; b < bytes; b += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(p + t * ld) + b, _MM_HINT_T1);
-}
-
 // In parallel over the tokens: run(std::integral_constant<int, kTile>{}, t0, scratch) for
 // each full tile of kTile tokens from t0, and the same with 1 for each token of a
 // ragged last tile; scratch is each task's make_scratch().
@@ -462,9 +455,9 @@ void small_blocks_backward_dpbf16_(c10::optional<torch::Tensor> gx_opt,
         for (int64_t i = 0; i < nt; i += kTile) {
           const int64_t ti = t0 + i;
           if (ti + kTokens + kTile <= n) {  // the next tile's rows into L2, 8 at a time
-            prefetch_rows(G + (ti + kTokens) * ldg, ldg, kTile, 2 * S * L);
-            if (want_w1) prefetch_rows(X + (ti + kTokens) * ldx_in, ldx_in, kTile, 2 * K * P);
-            if (want_w2) prefetch_rows(H + (ti + kTokens) * ldh_in, ldh_in, kTile, 2 * K * Q);
+            prefetch_rows(G + (ti + kTokens) * ldg, ldg, kTile, S * L);
+            if (want_w1) prefetch_rows(X + (ti + kTokens) * ldx_in, ldx_in, kTile, K * P);
+            if (want_w2) prefetch_rows(H + (ti + kTokens) * ldh_in, ldh_in, kTile, K * Q);
           }
           if (i + kTile <= nt) {
             grad_tile<kTile>(G + ti * ldg, ldg, w2, w1, K, Q, P, S, R, L, ge.data(), ldp,
