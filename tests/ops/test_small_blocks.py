@@ -180,6 +180,83 @@ def test_training_matches_float64_reference(monkeypatch, dtype, tol, shape, need
         assert _relative_error(a, b) < tol
 
 
+wide_tier = pytest.mark.skipif(
+    not native.available() or not small_blocks._avx512(),
+    reason="the wide-block tier needs the native kernels and AVX-512")
+
+
+def _wide_case(d, nblocks, tokens, dtype):
+    b = d // nblocks
+    return (torch.empty(tokens, d, dtype=dtype), torch.empty(nblocks, b, b, dtype=dtype),
+            torch.empty(nblocks, b, b, dtype=dtype))
+
+
+@wide_tier
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_when_wide_blocks_go_to_the_kernel(dtype):
+    """Blocks of 128-256 (16 or more of them): inference from 256 (float32) or 1024
+    (bf16) tokens; training only up to 128 and under 1 M factor elements."""
+    if dtype == torch.bfloat16 and not native.bf16_dot():
+        pytest.skip("bf16 wide blocks need the AVX512-BF16 kernel")
+    fewest = small_blocks.WIDE_MIN_TOKENS[dtype, False]
+    assert small_blocks.applies(*_wide_case(4096, 16, fewest, dtype))  # blocks of 256
+    assert not small_blocks.applies(*_wide_case(4096, 16, fewest - 1, dtype))
+    assert not small_blocks.applies(*_wide_case(8192, 16, 4096, dtype))  # blocks of 512
+    assert not small_blocks.applies(*_wide_case(4096, 4, 4096, dtype))  # l = 4: not 16-wide
+    # 2.4 M elements is the most (32 blocks of 192 are 2.36 M), 16 of 320 are too many
+    assert small_blocks.applies(*_wide_case(6144, 32, 4096, dtype))
+    assert not small_blocks.applies(*_wide_case(5120, 16, 4096, dtype))
+    # training: 16 blocks of 128 (0.5 M elements), not 32 of 128 (1 M) nor blocks of 192
+    assert small_blocks.applies_to_training(*_wide_case(2048, 16, 1024, dtype))
+    assert not small_blocks.applies_to_training(*_wide_case(2048, 16, 1023, dtype))
+    assert not small_blocks.applies_to_training(*_wide_case(4096, 32, 4096, dtype))
+    assert not small_blocks.applies_to_training(*_wide_case(3072, 16, 4096, dtype))
+    assert not small_blocks.applies(*_wide_case(2048, 16, 4096, torch.float16))
+
+
+@wide_tier
+def test_wide_blocks_need_avx512(monkeypatch):
+    monkeypatch.setattr(small_blocks, "_avx512", lambda: False)
+    assert not small_blocks.applies(*_wide_case(2048, 16, 4096, torch.float32))
+    monkeypatch.setattr(native, "bf16_dot", lambda: False)
+    assert not small_blocks.applies(*_wide_case(2048, 16, 4096, torch.bfloat16))
+
+
+@wide_tier
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("grad", [False, True])
+def test_wide_blocks_match_float64_reference(monkeypatch, dtype, tol, grad):
+    """16 blocks of 128 (in 96 out for w1, so every size differs) through the kernel,
+    forward and, with gradients, every input's gradient, against float64."""
+    if dtype == torch.bfloat16 and not native.bf16_dot():
+        pytest.skip("bf16 wide blocks need the AVX512-BF16 kernel")
+    shape = (16, 96, 128, 16, 80, 96)  # k, q, p, l, s, r
+    k, q, p, l, s, r = shape
+    w1, w2, bias = _factors(*shape, seed=5)
+    tokens = small_blocks.WIDE_MIN_TOKENS[dtype, grad] + 3  # a ragged last tile
+    x = torch.randn(tokens, k * p, dtype=F64, generator=torch.Generator().manual_seed(6))
+    g = torch.randn(tokens, s * l, dtype=F64, generator=torch.Generator().manual_seed(7))
+    leaves = [t.clone().requires_grad_(grad) for t in (x, w1, w2, bias)]
+    want_y = monarch_multiply_reference(*leaves[:3]) + leaves[3]
+    low = [t.detach().to(dtype).requires_grad_(grad) for t in leaves]
+    assert small_blocks.applies(low[0], low[1], low[2], training=grad)
+    calls = []
+    for name in ("forward", "multiply"):
+        real = getattr(small_blocks, name)
+        monkeypatch.setattr(small_blocks, name,
+                            lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    with torch.set_grad_enabled(grad):
+        y = monarch_multiply(*low[:3], low[3])
+    assert calls == (["multiply", "forward"] if grad else ["forward"])  # (multiply runs forward)
+    assert _relative_error(y.detach(), want_y.detach()) < tol
+    if grad:
+        want = torch.autograd.grad(want_y, leaves, g)
+        got = torch.autograd.grad(y, low, g.to(dtype))
+        for a, b in zip(got, want):
+            assert a.dtype == dtype and a.shape == b.shape
+            assert _relative_error(a, b) < tol
+
+
 @needs_kernels
 def test_training_needs_p_in_vectors_too():
     w1, w2 = torch.randn(4, 16, 12), torch.randn(16, 5, 4)  # p = 12

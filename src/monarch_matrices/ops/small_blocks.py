@@ -45,9 +45,46 @@ MIN_TOKENS = {torch.float32: 8, torch.bfloat16: 65}
 DOT_MAX_BLOCK, DOT_MIN_TOKENS = 64, 64
 LANES = 16  # the kernel's vectors: q and l must be multiples of this
 
+# Wider blocks, where the kernels run as fast as oneDNN's GEMMs or faster and save the
+# chunked path's permutation passes and copies (docs/speed.md item 26).  Measured on
+# the Zen 4 VM (AVX-512 with BF16), paired against the chunked path, 16 and 32 blocks
+# of 64-256 at 256, 1024 and 4096 tokens:
+# - inference, blocks up to 256 and factors up to 2.4 M elements: bf16 1.15-2.5x from
+#   1024 tokens (0.68-1.0x at 256: packing the weights on every call), float32
+#   1.06-1.73x from 256 tokens (1.0x at 256 tokens with 8-9 MiB of factors);
+# - training, blocks up to 128 and factors under 1 M elements: bf16 1.16-1.65x, float32
+#   1.06-1.35x at 1024 and 4096 tokens; beyond that the backward's per-task float32
+#   weight-gradient sums outgrow L2 (0.78-1.03x: blocks of 192-256, or 128 with 1 M
+#   elements).
+# Only on CPUs with AVX-512 (float32) or AVX512-BF16 (bf16): the AVX2 build's 6-token
+# tiles were measured slower than oneDNN from 128-wide blocks (1.2x at 128, Zen 1).
+WIDE_MAX_BLOCK = {False: 256, True: 128}  # by training
+WIDE_MAX_FACTOR_ELEMENTS = {False: 5 * 2**19, True: 2**20}  # w1 + w2; training: fewer than
+WIDE_MIN_TOKENS = {(torch.float32, False): 256, (torch.float32, True): 1024,
+                   (torch.bfloat16, False): 1024, (torch.bfloat16, True): 1024}
+
 
 def _bf16_dot(x: torch.Tensor, w1: torch.Tensor) -> bool:
     return x.dtype == torch.bfloat16 and w1.shape[2] % 2 == 0 and native.bf16_dot()
+
+
+def _avx512() -> bool:
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def _wide(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, training: bool) -> bool:
+    """Whether blocks wider than ``MAX_BLOCK`` / ``DOT_MAX_BLOCK`` go to the kernel too."""
+    dtype = x.dtype
+    if dtype == torch.bfloat16:
+        if not _bf16_dot(x, w1):
+            return False
+    elif dtype != torch.float32 or not _avx512():
+        return False
+    elements = w1.numel() + w2.numel()
+    fits = (elements < WIDE_MAX_FACTOR_ELEMENTS[True] if training
+            else elements <= WIDE_MAX_FACTOR_ELEMENTS[False])
+    return (max(*w1.shape[1:], *w2.shape[1:]) <= WIDE_MAX_BLOCK[training] and fits
+            and x.shape[0] >= WIDE_MIN_TOKENS[dtype, training])
 
 
 def applies(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
@@ -58,15 +95,15 @@ def applies(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
     dtype = x.dtype
     if dtype not in MAX_BLOCK or not native.plain_cpu_tensor(x):  # (before any kernel probe)
         return False
+    if not (w1.dtype == w2.dtype == dtype and q % LANES == 0 and l % LANES == 0
+            and all(native.plain_cpu_tensor(t)
+                    for t in (x, w1, w2, *(() if bias is None else (bias,))))
+            and native.kernels() is not None):
+        return False
     widest, fewest = MAX_BLOCK[dtype], MIN_TOKENS[dtype]
     if not training and _bf16_dot(x, w1):
         widest, fewest = DOT_MAX_BLOCK, DOT_MIN_TOKENS
-    return (w1.dtype == w2.dtype == dtype
-            and max(p, q, r, s) <= widest and x.shape[0] >= fewest
-            and q % LANES == 0 and l % LANES == 0
-            and all(native.plain_cpu_tensor(t)
-                    for t in (x, w1, w2, *(() if bias is None else (bias,))))
-            and native.kernels() is not None)
+    return (max(p, q, r, s) <= widest and x.shape[0] >= fewest) or _wide(x, w1, w2, training)
 
 
 def applies_to_training(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
