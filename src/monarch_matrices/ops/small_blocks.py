@@ -30,12 +30,15 @@ counts may differ in the last bits.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import native
 from .permute import column_sum_dtype
 
 # widest block (any of p, q, r, s) the kernel takes, and fewest tokens, per dtype
+# (wider ones only in the tier of WIDE_* below)
 MAX_BLOCK = {torch.float32: 64, torch.bfloat16: 32}
 MIN_TOKENS = {torch.float32: 8, torch.bfloat16: 65}
 # bf16 inference with the dot-product kernel (AVX512-BF16, p even), measured against
@@ -59,7 +62,7 @@ LANES = 16  # the kernel's vectors: q and l must be multiples of this
 # Only on CPUs with AVX-512 (float32) or AVX512-BF16 (bf16): the AVX2 build's 6-token
 # tiles were measured slower than oneDNN from 128-wide blocks (1.2x at 128, Zen 1).
 WIDE_MAX_BLOCK = {False: 256, True: 128}  # by training
-WIDE_MAX_FACTOR_ELEMENTS = {False: 5 * 2**19, True: 2**20}  # w1 + w2; training: fewer than
+WIDE_MAX_FACTOR_ELEMENTS = {False: 5 * 2**19, True: 2**20 - 1}  # w1 + w2, by training
 WIDE_MIN_TOKENS = {(torch.float32, False): 256, (torch.float32, True): 1024,
                    (torch.bfloat16, False): 1024, (torch.bfloat16, True): 1024}
 
@@ -68,6 +71,7 @@ def _bf16_dot(x: torch.Tensor, w1: torch.Tensor) -> bool:
     return x.dtype == torch.bfloat16 and w1.shape[2] % 2 == 0 and native.bf16_dot()
 
 
+@functools.cache
 def _avx512() -> bool:
     return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
@@ -80,10 +84,8 @@ def _wide(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, training: bool) -
             return False
     elif dtype != torch.float32 or not _avx512():
         return False
-    elements = w1.numel() + w2.numel()
-    fits = (elements < WIDE_MAX_FACTOR_ELEMENTS[True] if training
-            else elements <= WIDE_MAX_FACTOR_ELEMENTS[False])
-    return (max(*w1.shape[1:], *w2.shape[1:]) <= WIDE_MAX_BLOCK[training] and fits
+    return (max(*w1.shape[1:], *w2.shape[1:]) <= WIDE_MAX_BLOCK[training]
+            and w1.numel() + w2.numel() <= WIDE_MAX_FACTOR_ELEMENTS[training]
             and x.shape[0] >= WIDE_MIN_TOKENS[dtype, training])
 
 
