@@ -15,6 +15,7 @@ from monarch_matrices.convert import ConversionError, monarchify
 from monarch_matrices.convert.calibrate import (
     InputStats,
     collect_input_stats,
+    residual_parents,
     sample_texts,
     text_batches,
 )
@@ -210,6 +211,135 @@ def test_transformers_models_calibrate_with_padded_batches(family):
         err_cal = (model(**inputs)[0] - ref).norm()
         err_proj = (projected(**inputs)[0] - ref).norm()
     assert err_cal < err_proj
+
+
+class _AddNorm(nn.Module):
+    """The BERT family's output module: ``LayerNorm(dense(x) + residual)``."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(n_in, n_out)
+        self.norm = nn.LayerNorm(n_out)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.dense(x) + residual)
+
+
+class _PostLN(nn.Module):
+    """Two post-LN feed-forward blocks: the second one's residual has drifted."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.up1, self.out1 = nn.Linear(32, 64), _AddNorm(64, 32)
+        self.up2, self.out2 = nn.Linear(32, 64), _AddNorm(64, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.out1(torch.tanh(self.up1(x)), x)
+        return self.out2(torch.tanh(self.up2(h)), h)
+
+
+def _residual_sum_error(dense: nn.Module, model: nn.Module, name: str, batches) -> float:
+    """``‖(h_t + W x_t + b) − (h + M x + b')‖ / ‖W x_t‖`` of one residual layer, directly."""
+
+    def seen(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        got = []
+        hook = m.get_submodule(name.rpartition(".")[0]).register_forward_pre_hook(
+            lambda mod, args: got.append(args))
+        with torch.no_grad():
+            for b in batches:
+                m(b)
+        hook.remove()
+        return torch.cat([a[0] for a in got]), torch.cat([a[1] for a in got])
+
+    (x_t, h_t), (x, h) = seen(dense), seen(model)
+    layer, new = dense.get_submodule(name), model.get_submodule(name)
+    with torch.no_grad():
+        want, got = h_t + layer(x_t), h + new(x)
+        return float((want - got).norm() / (layer(x_t) - layer.bias).norm())
+
+
+def test_residual_layers_are_found_by_how_their_parent_calls_them():
+    from tests.convert.models import FAMILIES
+
+    model = _PostLN()
+    layers = {n: model.get_submodule(n) for n in ("up1", "out1.dense", "up2", "out2.dense")}
+    found = residual_parents(model, layers, _batches(1)[0])
+    assert found == {"out1.dense": model.out1, "out2.dense": model.out2}
+    mlp = _mlp()
+    assert residual_parents(mlp, {"0": mlp[0], "2": mlp[2]}, _batches(1)[0]) == {}
+    bert = FAMILIES["bert"].build()
+    names = [n for n, m in bert.named_modules() if isinstance(m, nn.Linear) and "encoder" in n]
+    found = residual_parents(bert, {n: bert.get_submodule(n) for n in names},
+                             FAMILIES["bert"].inputs(2))
+    assert sorted(found) == sorted(n for n in names if n.endswith("output.dense"))
+    assert len(found) == 4  # attention output and feed-forward output of 2 blocks
+    llama = FAMILIES["llama"].build()
+    names = [n for n, m in llama.named_modules() if isinstance(m, nn.Linear)]
+    assert residual_parents(llama, {n: llama.get_submodule(n) for n in names},
+                            FAMILIES["llama"].inputs(2)) == {}
+
+
+class _TwoReaders(nn.Module):
+    """A parent handed two same-shaped tensors that is not a residual add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k = nn.Linear(32, 32), nn.Linear(32, 32)
+
+    def forward(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        return self.q(x) * self.k(other)
+
+
+class _Twice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dense = nn.Linear(32, 32)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.dense(self.dense(x)) + residual
+
+
+@pytest.mark.parametrize("parent", [_TwoReaders, _Twice])
+def test_parents_that_are_not_residual_adds_are_not_taken_for_one(parent):
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = parent()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.block(x, x + 1)
+
+    model = Model()
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert residual_parents(model, layers, _batches(1)[0]) == {}
+
+
+@pytest.mark.parametrize("lowrank", [0, 4])
+def test_residual_layers_fit_the_dense_residual_sum(lowrank):
+    dense = _PostLN()
+    batches = _batches()
+    on = _convert(copy.deepcopy(dense), calibration=batches, lowrank=lowrank)
+    off = _convert(copy.deepcopy(dense), calibration=batches, lowrank=lowrank,
+                   match_residual=False)
+    assert on.config["calibration"]["residual_targets"] == ["out1.dense", "out2.dense"]
+    assert off.config["calibration"]["residual_targets"] == []
+    assert "2 layers write into a residual stream" in on.table()
+    assert "residual stream" not in off.table()
+    errors = {e.name: e for e in on.layers}
+    for name in ("out1.dense", "out2.dense"):
+        # the report's figure is the residual sum's error, from the sums
+        got = _residual_sum_error(dense, on.model, name, batches)
+        assert errors[name].output_error_after == pytest.approx(got, rel=1e-4)
+        assert errors[name].output_error_after <= errors[name].output_error_before
+    # the first block's residual is the model input (no drift): nothing to cancel, so
+    # both fits agree there (and the second block sees the same inputs in both); the
+    # second block's residual has drifted, and fitting the sum cancels part of it
+    assert _residual_sum_error(dense, off.model, "out1.dense", batches) == pytest.approx(
+        errors["out1.dense"].output_error_after, rel=1e-6)
+    assert errors["out2.dense"].output_error_after < _residual_sum_error(
+        dense, off.model, "out2.dense", batches)
+    assert _out_error(dense, on.model, batches) < _out_error(dense, off.model, batches)
 
 
 def test_input_stats_centering_matches_the_definition():

@@ -67,6 +67,25 @@ def test_calibrated_fit_with_other_targets_matches_the_definition():
     assert best < _damped(W, M + same.b @ same.a, C, lam, K, T)
 
 
+def test_calibrated_fit_with_targets_given_directly():
+    W, M, X = _case(seed=3)
+    gen = torch.Generator().manual_seed(4)
+    Xt = X + 0.3 * torch.randn(X.shape, generator=gen, dtype=F64)
+    C = X @ X.T
+    via_inputs = fit_lowrank(W, M, 3, C, cross=Xt @ X.T)
+    direct = fit_lowrank(W, M, 3, C, target_cross=W @ Xt @ X.T)
+    torch.testing.assert_close(direct.b @ direct.a, via_inputs.b @ via_inputs.a)
+    Y = W @ Xt + 0.5 * torch.randn(W.shape[0], X.shape[1], generator=gen, dtype=F64)
+    fit = fit_lowrank(W, M, 3, C, target_cross=Y @ X.T, damping=0.0)
+    N = M + fit.b @ fit.a
+    for other in (M, M + via_inputs.b @ via_inputs.a):  # the best term for Y, at damping 0
+        assert (Y - N @ X).norm() < (Y - other @ X).norm()
+    with pytest.raises(ValueError, match="not both"):
+        fit_lowrank(W, M, 3, C, cross=C, target_cross=W @ C)
+    with pytest.raises(ValueError, match=r"target_cross has shape"):
+        fit_lowrank(W, M, 3, C, target_cross=C)
+
+
 def test_singular_gram_needs_damping_and_full_rank_recovers_exactly():
     W, M, X = _case(tokens=5)  # 5 tokens, 22 inputs: C has rank 5
     C = X @ X.T

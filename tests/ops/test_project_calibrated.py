@@ -126,6 +126,40 @@ def test_targets_from_other_inputs_correct_the_drift():
     assert res.relative_error <= res.projection_relative_error
 
 
+def test_targets_given_directly_match_the_definition_and_the_other_inputs_form():
+    W, X = _data(30, 22, 300, seed=8)
+    gen = torch.Generator().manual_seed(9)
+    X_t = X + 0.3 * torch.randn(X.shape, generator=gen, dtype=F64)
+    # Y = W X_t written both ways gives the same fit
+    via_inputs = project_calibrated(W, X @ X.T, 4, cross=X_t @ X.T, target_gram=X_t @ X_t.T)
+    Y = W @ X_t
+    direct = project_calibrated(W, X @ X.T, 4, target_cross=Y @ X.T, target_sq=(Y * Y).sum())
+    torch.testing.assert_close(_dense(direct, 30, 22), _dense(via_inputs, 30, 22),
+                               rtol=1e-7, atol=1e-9)
+    # any Y (a residual stream's drift added): error is ‖Y − M X‖, never worse than W's projection
+    Y = Y + 0.5 * torch.randn(Y.shape, generator=gen, dtype=F64)
+    res = project_calibrated(W, X @ X.T, 4, target_cross=Y @ X.T, target_sq=(Y * Y).sum())
+    M = _dense(res, 30, 22)
+    assert torch.isclose(res.error, (Y - M @ X).norm(), rtol=1e-9)
+    assert torch.isclose(res.relative_error, res.error / Y.norm(), rtol=1e-12)
+    P = _dense(project(W, 4), 30, 22)
+    assert torch.isclose(res.projection_error, (Y - P @ X).norm(), rtol=1e-9)
+    assert res.error < res.projection_error
+    # the fit follows Y, not W: plain calibration is worse on this objective
+    plain = _dense(project_calibrated(W, X @ X.T, 4), 30, 22)
+    assert res.error < (Y - plain @ X).norm()
+
+
+def test_targets_that_a_monarch_matrix_reaches_are_recovered():
+    W, X = _data(32, 32, 400, seed=10)
+    P = project(W, 4)
+    M0 = _dense(P, 32, 32)
+    Y = M0 @ X  # reachable targets; damping towards W = M0 does not pull away
+    res = project_calibrated(M0, X @ X.T, 4, steps=0, target_cross=Y @ X.T,
+                             target_sq=(Y * Y).sum())
+    assert res.relative_error < 1e-9
+
+
 @pytest.mark.parametrize(
     "gram, error, match",
     [
@@ -165,3 +199,11 @@ def test_bad_arguments():
         project_calibrated(W, C, 4, cross=C)
     with pytest.raises(TypeError, match="real"):
         project_calibrated(W.to(torch.complex128), C, 4)
+    with pytest.raises(ValueError, match="target_cross and target_sq together"):
+        project_calibrated(W, C, 4, target_cross=W @ C)
+    with pytest.raises(ValueError, match="not both"):
+        project_calibrated(W, C, 4, cross=C, target_gram=C, target_cross=W @ C, target_sq=1.0)
+    with pytest.raises(ValueError, match=r"target_cross has shape \(16, 15\).*\(16, 16\)"):
+        project_calibrated(W, C, 4, target_cross=W[:, 1:], target_sq=1.0)
+    with pytest.raises(ValueError, match="finite"):
+        project_calibrated(W, C, 4, target_cross=W @ C, target_sq=float("nan"))

@@ -14,6 +14,13 @@ each layer also compensates for the errors of the layers before it instead of
 letting them compound.  Each pass stops as soon as the group's last layer has
 run, so early layers cost less.
 
+A layer whose output is added to a residual stream handed to its parent module
+(the BERT family's ``LayerNorm(dense(x) + residual)`` output modules) fits the
+dense model's *sum* instead: ``‖(h_t + W x_t) − (h + M x)‖`` with ``h`` the
+residual the converted model carries and ``h_t`` the dense model's, so the layer
+also cancels what the residual stream has drifted (as far as its input predicts
+it).  The solver takes these targets as ``Y Xᵀ`` and ``‖Y‖²`` directly.
+
 A layer with a bias also absorbs the mean of its error into the bias: the
 solve uses the centred Gram matrix ``Σ (x − μ)(x − μ)ᵀ`` and the new bias is
 ``b + (W − M) μ``, which is optimal for the pair (weight, bias).
@@ -38,7 +45,7 @@ from tqdm import tqdm
 from ..nn import MonarchLinear, MonarchLowRankLinear
 from ..ops import fit_lowrank, project_calibrated
 from .config import ConversionError
-from .match import dense_features, dense_weight
+from .match import dense_features, dense_weight, is_dense_layer
 from .replace import monarchify_layer
 
 __all__ = [
@@ -46,6 +53,7 @@ __all__ = [
     "InputStats",
     "calibrate_layers",
     "collect_input_stats",
+    "residual_parents",
     "sample_texts",
     "text_batches",
 ]
@@ -57,7 +65,10 @@ class InputStats:
 
     When the targets come from the dense model (sequential mode), also the sums
     with the dense model's input ``x_t`` to the same layer for the same token:
-    ``Σ x_t xᵀ`` (``cross``), ``Σ x_t x_tᵀ`` and ``Σ x_t``.
+    ``Σ x_t xᵀ`` (``cross``), ``Σ x_t x_tᵀ`` and ``Σ x_t``.  When the targets are
+    given as outputs ``y`` (a residual layer's ``W x_t + h_t − h``), the sums
+    ``Σ y xᵀ`` (``out_cross``), ``Σ y``, ``Σ ‖y‖²`` and ``Σ ‖W x_t‖²`` (what the
+    reported errors are relative to) replace the three.
     """
 
     gram: torch.Tensor  # (in, in) float64
@@ -66,6 +77,10 @@ class InputStats:
     cross: torch.Tensor | None = None
     target_gram: torch.Tensor | None = None
     target_total: torch.Tensor | None = None
+    out_cross: torch.Tensor | None = None  # (out, in)
+    out_total: torch.Tensor | None = None  # (out,)
+    out_sq: torch.Tensor | None = None  # 0-d
+    dense_sq: torch.Tensor | None = None  # 0-d
 
     @classmethod
     def zeros(
@@ -87,6 +102,20 @@ class InputStats:
             self.cross += x_t.T @ x
             self.target_gram += x_t.T @ x_t
             self.target_total += x_t.sum(0)
+
+    def add_outputs(self, y: torch.Tensor, x: torch.Tensor, dense_out: torch.Tensor) -> None:
+        """Add ``(tokens, out)`` targets ``y`` for inputs ``x`` (already added), and
+        the dense layer's own outputs ``dense_out`` (the scale of its errors)."""
+        if self.out_cross is None:
+            kw = {"dtype": torch.float64, "device": y.device}
+            self.out_cross = torch.zeros(y.shape[1], x.shape[1], **kw)
+            self.out_total = torch.zeros(y.shape[1], **kw)
+            self.out_sq = torch.zeros((), **kw)
+            self.dense_sq = torch.zeros((), **kw)
+        self.out_cross += y.T @ x
+        self.out_total += y.sum(0)
+        self.out_sq += (y * y).sum()
+        self.dense_sq += (dense_out * dense_out).sum()
 
     @property
     def mean(self) -> torch.Tensor:
@@ -116,6 +145,13 @@ class InputStats:
 
         gram, flat = center_gram(self.gram, self.total)
         zero = torch.zeros_like(self.total)
+        if self.out_cross is not None:
+            out_cross = center(self.out_cross, self.out_total, self.total)
+            out_cross[:, flat] = 0
+            out_sq = (self.out_sq - self.out_total @ self.out_total / n).clamp(min=0)
+            return InputStats(gram, zero, self.count, out_cross=out_cross,
+                              out_total=torch.zeros_like(self.out_total), out_sq=out_sq,
+                              dense_sq=self.dense_sq)
         if self.cross is None:
             return InputStats(gram, zero, self.count)
         target, flat_t = center_gram(self.target_gram, self.target_total)
@@ -137,6 +173,7 @@ class CalibrationResult:
     error_before: float  # the Frobenius projection, original bias
     error_after: float  # the calibrated weight and bias
     tokens: int
+    residual: bool = False  # fitted to the residual sum (then the errors include its drift)
 
 
 class _Stop(Exception):
@@ -177,34 +214,51 @@ def _model_device(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def _capture(
-    model: nn.Module, layers: Mapping[str, nn.Module], batch: Any, stop_after: str | None
-) -> dict[str, torch.Tensor]:
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    batch: Any,
+    stop_after: str | None,
+    residuals: Mapping[str, nn.Module] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """One forward pass: each layer's input as a ``(tokens, in)`` float64 matrix.
 
     Padding tokens are dropped; layers reading the same tensor share one copy; a
-    layer called more than once per pass gets its calls stacked.
+    layer called more than once per pass gets its calls stacked.  ``residuals``
+    (``{layer name: parent}``) also captures the residual each such parent is
+    handed (its second positional argument), the same way; it is the second dict.
     """
     mask = _token_mask(batch)
     memo: dict[tuple, torch.Tensor] = {}
     seen: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    added: dict[str, list[torch.Tensor]] = {name: [] for name in residuals or {}}
+
+    def rows(x: torch.Tensor) -> torch.Tensor:
+        key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
+        if key not in memo:
+            if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+                flat = x[mask]
+            else:
+                flat = x.reshape(-1, x.shape[-1])
+            memo[key] = flat.detach().to(torch.float64)
+        return memo[key]
 
     def hook(name: str):
         def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0]
-            key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
-            if key not in memo:
-                if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-                    flat = x[mask]
-                else:
-                    flat = x.reshape(-1, x.shape[-1])
-                memo[key] = flat.detach().to(torch.float64)
-            seen[name].append(memo[key])
+            seen[name].append(rows(args[0]))
             if name == stop_after:
                 raise _Stop
 
         return pre_hook
 
+    def residual_hook(name: str):
+        def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            added[name].append(rows(args[1]))
+
+        return pre_hook
+
     handles = [m.register_forward_pre_hook(hook(name)) for name, m in layers.items()]
+    handles += [p.register_forward_pre_hook(residual_hook(name))
+                for name, p in (residuals or {}).items()]
     try:
         _call(model, batch)
     except _Stop:
@@ -212,7 +266,70 @@ def _capture(
     finally:
         for h in handles:
             h.remove()
-    return {n: (v[0] if len(v) == 1 else torch.cat(v)) for n, v in seen.items() if v}
+
+    def stack(found: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return {n: (v[0] if len(v) == 1 else torch.cat(v)) for n, v in found.items() if v}
+
+    return stack(seen), stack(added)
+
+
+@torch.no_grad()
+def residual_parents(
+    model: nn.Module, layers: Mapping[str, nn.Module], batch: Any
+) -> dict[str, nn.Module]:
+    """The layers whose output is added to a residual stream their parent is handed.
+
+    That is the BERT family's output modules, ``parent(x, residual)`` computing
+    ``LayerNorm(dense(x) + residual)``: a layer qualifies when, on ``batch``, every
+    call of its parent passes a second positional tensor shaped like the layer's
+    output and then calls the layer, once, on its first argument, and the layer is
+    the parent's only dense child (not an attention module's q/k/v).  Returns
+    ``{layer name: parent}``; pre-LN models (Llama), whose residual adds are not
+    module calls, have none.
+    """
+    parents = {}
+    for name in layers:
+        parent_name, _, _ = name.rpartition(".")
+        if parent_name:
+            parent = model.get_submodule(parent_name)
+            if sum(is_dense_layer(c) for c in parent.children()) == 1:
+                parents[name] = parent
+    if not parents:
+        return {}
+    pending: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
+    verdicts: dict[str, list[bool]] = {n: [] for n in parents}  # one per call
+
+    def parent_hook(name: str):
+        def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            pair = args[:2] if len(args) >= 2 else ()
+            ok = len(pair) == 2 and all(isinstance(a, torch.Tensor) for a in pair)
+            pending[name] = pair if ok else None
+            verdicts[name].append(False)  # until the layer's own call confirms it
+
+        return pre_hook
+
+    def layer_hook(name: str):
+        def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            pair, x = pending.pop(name, None), args[0]
+            if pair is None:  # called without a fresh parent call (or a second time)
+                verdicts[name].append(False)
+                return
+            first, residual = pair
+            out_features = dense_features(module)[1]
+            verdicts[name][-1] = (first.data_ptr() == x.data_ptr() and first.shape == x.shape
+                                  and tuple(residual.shape) == (*x.shape[:-1], out_features))
+
+        return pre_hook
+
+    handles = [parent.register_forward_pre_hook(parent_hook(name))
+               for name, parent in parents.items()]
+    handles += [layers[name].register_forward_pre_hook(layer_hook(name)) for name in parents]
+    try:
+        _call(model, _to_device(batch, _model_device(model)))
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: parents[name] for name, v in verdicts.items() if v and all(v)}
 
 
 def collect_input_stats(
@@ -222,6 +339,7 @@ def collect_input_stats(
     *,
     stop_after: str | None = None,
     reference: Mapping[str, tuple[nn.Module, nn.Module]] | None = None,
+    residuals: Mapping[str, nn.Module] | None = None,
 ) -> dict[str, InputStats]:
     """Run ``batches`` through ``model`` and sum each layer's input statistics in float64.
 
@@ -230,14 +348,17 @@ def collect_input_stats(
     caller must know it runs last, once, among ``layers``).  With ``reference``
     (``{name: (dense, converted)}`` for the layers converted so far), every batch
     also runs with the dense layers swapped back in, and the statistics include
-    the dense model's inputs (``cross``, ``target_gram``).  The model is left as
-    it was, hooks removed and layers in place, even if a batch fails.
+    the dense model's inputs (``cross``, ``target_gram``).  With ``residuals`` too
+    (:func:`residual_parents`), those layers' targets are the dense model's
+    residual sums instead, given as outputs (``out_cross``, ...).  The model is
+    left as it was, hooks removed and layers in place, even if a batch fails.
     """
     if not layers:
         return {}
     device = _model_device(model)
     targets = reference is not None
-    stats = {name: InputStats.zeros(dense_features(m)[0], device, targets)
+    residuals = {n: p for n, p in (residuals or {}).items() if n in layers} if targets else {}
+    stats = {name: InputStats.zeros(dense_features(m)[0], device, targets and name not in residuals)
              for name, m in layers.items()}
 
     def swap(which: int) -> None:
@@ -245,16 +366,17 @@ def collect_input_stats(
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, pair[which])
 
+    weights = {n: dense_weight(layers[n]).detach().to(torch.float64) for n in residuals}
     for batch in batches:
         batch = _to_device(batch, device)
-        ref = None
+        ref = ref_added = None
         if reference:
             swap(0)
             try:
-                ref = _capture(model, layers, batch, stop_after)
+                ref, ref_added = _capture(model, layers, batch, stop_after, residuals)
             finally:
                 swap(1)
-        cur = _capture(model, layers, batch, stop_after)
+        cur, added = _capture(model, layers, batch, stop_after, residuals)
         grams: dict[tuple[int, int], tuple] = {}  # shared inputs: one product for q, k, v
         for name, x in cur.items():
             x_t = None if ref is None else ref.get(name)
@@ -263,6 +385,19 @@ def collect_input_stats(
                     f"layer {name} saw {x_t.shape[0]} tokens in the dense model but "
                     f"{x.shape[0]} in the converted one; the forward pass is not deterministic"
                 )
+            if name in residuals:
+                h, x_t = added.get(name), x if x_t is None else x_t
+                h_t = h if ref_added is None else ref_added.get(name)
+                if h is None or h_t is None or h.shape != h_t.shape or h.shape[0] != x.shape[0]:
+                    raise ConversionError(
+                        f"layer {name}: the residual its parent is handed was not seen once "
+                        "per call of the layer; pass match_residual=False for this model"
+                    )
+                dense_out = x_t @ weights[name].T
+                s = stats[name]
+                s.add(x)
+                s.add_outputs(dense_out + (h_t - h), x, dense_out)
+                continue
             key = (id(x), id(x_t))
             if key not in grams:
                 part = InputStats.zeros(x.shape[1], device, targets)
@@ -328,8 +463,14 @@ def _output_error(
     """``‖(W x_t + b) − (M x + b')‖ / ‖W x_t‖`` summed over tokens, from the sums.
 
     ``shift = b' − b``; ``x_t = x`` unless the stats hold the dense model's inputs.
+    With targets given as outputs ``y``, ``‖(y + b) − (M x + b')‖ / ‖W x_t‖``.
     """
     w, m = weight.double(), dense.double()
+    if stats.out_cross is not None:  # targets given as outputs y
+        sq = (stats.out_sq - 2 * (stats.out_cross * m).sum() + ((m @ stats.gram) * m).sum()
+              - 2 * shift @ (stats.out_total - m @ stats.total) + stats.count * (shift @ shift))
+        ref = stats.dense_sq
+        return float(sq.clamp(min=0).sqrt() / ref.sqrt()) if ref > 0 else 0.0
     if stats.cross is None:
         t_gram, cross, t_total = stats.gram, stats.gram, stats.total
     else:
@@ -364,22 +505,31 @@ def calibrate_layer(
     fit = stats if bias is None else stats.centered()
     zero = torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
     before = _output_error(weight, projected.to_dense().detach(), zero, stats)
+    outputs = fit.out_cross is not None
+    targets = ({"target_cross": fit.out_cross, "target_sq": fit.out_sq} if outputs
+               else {"cross": fit.cross, "target_gram": fit.target_gram})
     res = project_calibrated(
         weight.to(torch.float64), fit.gram, projected.nblocks, projected.rank,
-        steps=steps, damping=damping, cross=fit.cross, target_gram=fit.target_gram,
+        steps=steps, damping=damping, **targets,
     )
     projected.w1.copy_(res.w1)
     projected.w2.copy_(res.w2)
     if isinstance(projected, MonarchLowRankLinear):  # then the best B A given the new M
         term = fit_lowrank(weight.to(torch.float64), projected.monarch_dense().double(),
-                           projected.lowrank, fit.gram, cross=fit.cross, damping=damping)
+                           projected.lowrank, fit.gram, cross=fit.cross,
+                           target_cross=fit.out_cross, damping=damping)
         projected.lowrank_a.copy_(term.a)
         projected.lowrank_b.copy_(term.b)
     dense = projected.to_dense().detach()
     shift = zero
-    if bias is not None:
-        mean_t = stats.mean if stats.cross is None else stats.target_total / stats.count
-        shift = weight.double() @ mean_t - dense.double() @ stats.mean
+    if bias is not None:  # the mean target minus the mean output
+        if outputs:
+            mean_y = stats.out_total / stats.count
+        elif stats.cross is not None:
+            mean_y = weight.double() @ (stats.target_total / stats.count)
+        else:
+            mean_y = weight.double() @ stats.mean
+        shift = mean_y - dense.double() @ stats.mean
         projected.bias.copy_(bias.detach().double() + shift)
     after = _output_error(weight, dense, shift, stats)
     if after > before:  # cannot happen in exact arithmetic; never return a worse layer
@@ -387,7 +537,7 @@ def calibrate_layer(
                                     lowrank=getattr(projected, "lowrank", 0))
         projected.load_state_dict(fallback.state_dict())
         after = before
-    return CalibrationResult(name, before, after, stats.count)
+    return CalibrationResult(name, before, after, stats.count, residual=outputs)
 
 
 def calibrate_layers(
@@ -399,6 +549,7 @@ def calibrate_layers(
     damping: float,
     sequential: bool = True,
     match_dense: bool = True,
+    match_residual: bool = True,
     progress: bool = False,
 ) -> dict[str, CalibrationResult]:
     """Calibrate the projected layers of ``built`` ((name, dense, projected) rows).
@@ -406,8 +557,10 @@ def calibrate_layers(
     Sequential mode swaps each group of layers into ``model`` as soon as it is
     fitted (the later groups then see its outputs); with ``match_dense`` their
     targets are the dense model's outputs, so each layer also undoes the drift
-    of the layers before it.  The caller restores the dense layers if anything
-    fails.  Otherwise all statistics come from one pass over the dense model.
+    of the layers before it, and with ``match_residual`` too the layers that write
+    into a residual stream (:func:`residual_parents`) fit the dense model's
+    residual sum.  The caller restores the dense layers if anything fails.
+    Otherwise all statistics come from one pass over the dense model.
     The model runs in eval mode throughout (dropout would make passes disagree).
     """
     dense_of = {name: old for name, old, _ in built}
@@ -418,6 +571,9 @@ def calibrate_layers(
     bar = tqdm(total=len(built), desc="calibrate", unit="layer", disable=not progress)
     try:
         groups, once = _forward_order(model, dense_of, batches[0])
+        residuals = {}
+        if sequential and match_dense and match_residual:
+            residuals = residual_parents(model, dense_of, batches[0])
         if not sequential:
             stats = collect_input_stats(model, dense_of, batches)
         done: dict[str, tuple[nn.Module, nn.Module]] = {}
@@ -427,6 +583,7 @@ def calibrate_layers(
                 stats = collect_input_stats(
                     model, members, batches, stop_after=group[-1] if once else None,
                     reference=dict(done) if match_dense else None,
+                    residuals={n: residuals[n] for n in group if n in residuals},
                 )
             for name in group:
                 results[name] = calibrate_layer(

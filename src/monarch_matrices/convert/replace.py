@@ -200,6 +200,7 @@ def monarchify(
     calibration_damping: float = 0.01,
     sequential: bool = True,
     match_dense: bool = True,
+    match_residual: bool = True,
 ) -> MonarchReport:
     """Replace the selected dense layers of ``model`` by Monarch layers.
 
@@ -243,6 +244,14 @@ def monarchify(
             outputs (``‖W x_dense − M x‖``), so it also corrects the drift of the
             layers converted before it; ``False`` fits ``‖(W − M) x‖`` on its own
             inputs.  Costs a second forward pass per batch.
+        match_residual: with ``match_dense``, a layer whose output its parent adds
+            to a residual stream it is handed (the BERT family's
+            ``LayerNorm(dense(x) + residual)`` output modules) fits the dense
+            model's residual *sum*, ``‖(h_dense + W x_dense) − (h + M x)‖``, so it
+            also cancels the residual stream's drift where its input predicts it
+            (:func:`~monarch_matrices.convert.calibrate.residual_parents`; other
+            models are unaffected).  The report's output errors for those layers
+            are then of the sum, still relative to ``‖W x_dense‖``.
 
     Returns:
         A :class:`~monarch_matrices.convert.MonarchReport`; its ``model`` is the
@@ -310,7 +319,7 @@ def monarchify(
             calibrated = calibrate_layers(
                 model, built, batches, steps=calibration_steps,
                 damping=calibration_damping, sequential=sequential, match_dense=match_dense,
-                progress=progress,
+                match_residual=match_residual, progress=progress,
             )
         except BaseException:
             for name, old, _ in built:  # sequential mode swapped some in: put them back
@@ -350,6 +359,7 @@ def monarchify(
             "damping": calibration_damping,
             "sequential": sequential,
             "match_dense": sequential and match_dense,
+            "residual_targets": [n for n, r in calibrated.items() if r.residual],
         }
     return MonarchReport(
         layers=layers,

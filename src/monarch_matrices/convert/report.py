@@ -205,6 +205,12 @@ class MonarchReport:
                 f"{self.mean_output_error('before'):.4f} (projection) → "
                 f"{self.mean_output_error('after'):.4f} (calibrated)"
             )
+            residual = self.config.get("calibration", {}).get("residual_targets", [])
+            if residual:
+                out.append(
+                    f"{len(residual)} layers write into a residual stream: fitted to the dense "
+                    "model's residual sum, so their output errors include its drift"
+                )
         for s in self.skipped:
             shape = "" if s.in_features is None else f" ({s.in_features}→{s.out_features})"
             out.append(f"skipped {s.name}{shape}: {s.reason}")

@@ -108,18 +108,26 @@ def calibration_error(
     gram: torch.Tensor,
     cross: torch.Tensor | None = None,
     target_gram: torch.Tensor | None = None,
+    *,
+    target_cross: torch.Tensor | None = None,
+    target_sq: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``‖W X − M X‖_F`` from the Gram matrix ``C = X Xᵀ``: ``√tr(E C Eᵀ)``, ``E = W − M``.
 
     With ``cross = X_t Xᵀ`` and ``target_gram = X_t X_tᵀ`` it is ``‖W X_t − M X‖_F``
-    instead: the targets come from other inputs ``X_t`` (the dense model's).
-    ``weight`` and ``dense`` are ``(out, in)``; computed in float64.
+    instead: the targets come from other inputs ``X_t`` (the dense model's).  With
+    ``target_cross = Y Xᵀ`` and ``target_sq = ‖Y‖_F²`` it is ``‖Y − M X‖_F`` for any
+    targets ``Y``.  ``weight`` and ``dense`` are ``(out, in)``; computed in float64.
     """
     w, m, c = weight.double(), dense.double(), gram.double()
-    if cross is None:
+    if target_cross is not None:
+        sq = torch.as_tensor(target_sq, dtype=torch.float64, device=m.device)
+        sq = sq - 2 * (target_cross.double() * m).sum()
+    elif cross is None:
         e = w - m
         return ((e @ c) * e).sum().clamp(min=0).sqrt()
-    sq = ((w @ target_gram.double()) * w).sum() - 2 * ((w @ cross.double()) * m).sum()
+    else:
+        sq = ((w @ target_gram.double()) * w).sum() - 2 * ((w @ cross.double()) * m).sum()
     return (sq + ((m @ c) * m).sum()).clamp(min=0).sqrt()
 
 
@@ -132,8 +140,7 @@ class _Problem:
         gram: torch.Tensor,
         shape,
         lam: float,
-        cross: torch.Tensor | None = None,
-        target_gram: torch.Tensor | None = None,
+        targets: tuple[torch.Tensor, float] | None = None,
     ) -> None:
         self.k, self.q, self.p = shape.w1_shape
         self.l, self.s, self.r = shape.w2_shape
@@ -150,15 +157,15 @@ class _Problem:
         self.C = F.pad(c, (0, pad_in, 0, pad_in))
         self.C.diagonal().add_(lam)
         # K: the linear term, f_λ = const − 2⟨M, K⟩ + tr(M C_λ Mᵀ).  K = W C_λ when the
-        # targets are W X on the same inputs, else W·(X_t Xᵀ) + λW.
-        if cross is None:
+        # targets are W X on the same inputs, else Y Xᵀ + λW for targets Y
+        # (``targets`` = (Y Xᵀ, ‖Y‖²)); the constant is ‖Y‖² + λ‖W‖².
+        if targets is None:
             self.K = self.W @ self.C  # (n_out, n_in), fixed
             self.wcw = float((self.K * self.W).sum())  # tr(W C_λ Wᵀ)
         else:
-            d = F.pad(cross.double(), (0, pad_in, 0, pad_in))
-            self.K = self.W @ d + lam * self.W
-            t = F.pad(target_gram.double(), (0, pad_in, 0, pad_in))
-            self.wcw = float(((self.W @ t) * self.W).sum() + lam * (self.W * self.W).sum())
+            yx, y_sq = targets
+            self.K = F.pad(yx.double(), (0, pad_in, 0, pad_out)) + lam * self.W
+            self.wcw = float(y_sq) + lam * float((self.W * self.W).sum())
         _, info = torch.linalg.cholesky_ex(self.C)  # the one O(n³) step: is C PSD?
         if int(info) > 0:
             raise ValueError(
@@ -306,6 +313,8 @@ def project_calibrated(
     tol: float = 1e-5,
     cross: torch.Tensor | None = None,
     target_gram: torch.Tensor | None = None,
+    target_cross: torch.Tensor | None = None,
+    target_sq: float | torch.Tensor | None = None,
 ) -> CalibratedProjection:
     """Monarch factors minimizing ``‖(W − M) X‖_F`` given ``gram = X Xᵀ``.
 
@@ -329,6 +338,11 @@ def project_calibrated(
             other inputs ``X_t`` than the ones the Monarch layer sees (``gram = X Xᵀ``):
             in a partially converted model, ``X_t`` are the dense model's activations, and
             fitting ``‖W X_t − M X‖`` also corrects the drift of the layers before.
+        target_cross, target_sq: ``Y Xᵀ`` (``(out, in)``) and ``‖Y‖_F²`` to fit
+            ``‖Y − M X‖`` for targets ``Y`` of any origin, e.g. the dense output plus
+            the drift of a residual stream the layer's output is added to.  The
+            damping still pulls towards ``W``, and "never worse" is against ``W``'s
+            projection on this objective.  Not together with ``cross``.
 
     Returns:
         A :class:`CalibratedProjection`; ``w1``, ``w2`` have ``weight``'s dtype and device.
@@ -354,6 +368,22 @@ def project_calibrated(
             raise ValueError("cross has NaN/inf entries")
         cross = cross.to(device=weight.device, dtype=torch.float64)
         target_gram = target_gram.to(device=weight.device, dtype=torch.float64)
+    if (target_cross is None) != (target_sq is None):
+        raise ValueError("give target_cross and target_sq together (or neither)")
+    if target_cross is not None:
+        if cross is not None:
+            raise ValueError("give either cross/target_gram (targets W X_t) or "
+                             "target_cross/target_sq (targets Y), not both")
+        if not isinstance(target_cross, torch.Tensor) or tuple(target_cross.shape) != (out_f, in_f):
+            shape = (tuple(target_cross.shape) if isinstance(target_cross, torch.Tensor)
+                     else type(target_cross).__name__)
+            raise ValueError(f"target_cross has shape {shape}; it must be "
+                             f"({out_f}, {in_f}) = Y Xᵀ")
+        target_cross = target_cross.to(device=weight.device, dtype=torch.float64)
+        target_sq = float(target_sq)
+        if not (bool(torch.isfinite(target_cross).all()) and 0 <= target_sq < float("inf")):
+            raise ValueError("target_cross has NaN/inf entries or target_sq is not a finite "
+                             "number >= 0 (did an activation overflow?)")
     for name, value in (("steps", steps), ("cg_steps", cg_steps)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name}={value!r} must be an int >= 0")
@@ -371,11 +401,15 @@ def project_calibrated(
         return monarch_to_dense(w1, w2)[:out_f, :in_f]
 
     def error_of(w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-        return calibration_error(w64, crop(w1, w2), gram, cross, target_gram)
+        return calibration_error(w64, crop(w1, w2), gram, cross, target_gram,
+                                 target_cross=target_cross, target_sq=target_sq)
 
     p_err = error_of(p1, p2)
-    ref = gram if target_gram is None else target_gram
-    target = ((w64 @ ref) * w64).sum().clamp(min=0).sqrt()  # ‖W X_t‖
+    if target_cross is not None:
+        target = torch.tensor(target_sq, dtype=torch.float64, device=dev).sqrt()  # ‖Y‖
+    else:
+        ref = gram if target_gram is None else target_gram
+        target = ((w64 @ ref) * w64).sum().clamp(min=0).sqrt()  # ‖W X_t‖
 
     def rel(e: torch.Tensor) -> torch.Tensor:
         return e / target if target > 0 else torch.zeros_like(e)
@@ -391,7 +425,13 @@ def project_calibrated(
         return result(p1, p2, p_err, [])
     # A floor keeps the solves defined at damping=0 (C may be exactly singular).
     lam = max(damping, 1e-9) * mean_diag
-    prob = _Problem(weight, gram, shape, lam, cross, target_gram)
+    if target_cross is not None:
+        targets = (target_cross, target_sq)
+    elif cross is not None:  # Y = W X_t: Y Xᵀ = W (X_t Xᵀ), ‖Y‖² = tr(W X_t X_tᵀ Wᵀ)
+        targets = (w64 @ cross, float(((w64 @ target_gram) * w64).sum()))
+    else:
+        targets = None
+    prob = _Problem(weight, gram, shape, lam, targets)
 
     # Best start on f_λ: the Frobenius projection, or the block-whitened one.
     scale = prob.wcw if prob.wcw > 0 else 1.0

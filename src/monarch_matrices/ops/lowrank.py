@@ -52,6 +52,7 @@ def fit_lowrank(
     gram: torch.Tensor | None = None,
     *,
     cross: torch.Tensor | None = None,
+    target_cross: torch.Tensor | None = None,
     damping: float = 0.01,
 ) -> LowRankFit:
     """The rank-``rank`` ``B A`` minimizing the error of ``monarch + B A`` against ``weight``.
@@ -64,6 +65,9 @@ def fit_lowrank(
             Frobenius norm.
         cross: ``X_t Xᵀ`` when the targets are ``W X_t`` on other inputs (the
             dense model's), as in :func:`~monarch_matrices.ops.project_calibrated`.
+        target_cross: ``Y Xᵀ`` (``(out, in)``) when the targets are any ``Y``
+            (:func:`~monarch_matrices.ops.project_calibrated`'s argument of that
+            name); not together with ``cross``.
         damping: ``λ = damping · mean(diag C)`` (with ``gram``).
 
     Returns:
@@ -83,11 +87,21 @@ def fit_lowrank(
     w, m = weight.double(), monarch.double()
     chol = None
     if gram is None:
-        if cross is not None:
-            raise ValueError("cross needs gram")
+        if cross is not None or target_cross is not None:
+            raise ValueError("cross needs gram (so does target_cross)")
         resid = w - m
     else:
-        chol, resid = _weighted_residual(w, m, gram, cross, damping)
+        if cross is not None and target_cross is not None:
+            raise ValueError("give cross (targets W X_t) or target_cross (targets Y), not both")
+        if target_cross is not None:
+            if tuple(target_cross.shape) != (out_f, in_f):
+                raise ValueError(f"target_cross has shape {tuple(target_cross.shape)}; it must "
+                                 f"be ({out_f}, {in_f}) = Y Xᵀ")
+            if not bool(torch.isfinite(target_cross).all()):
+                raise ValueError("target_cross has NaN/inf entries (did an activation overflow?)")
+            cross = target_cross.double()
+        chol, resid = _weighted_residual(w, m, gram, cross, damping,
+                                         given=target_cross is not None)
     u, s, vh = torch.linalg.svd(resid, full_matrices=False)
     root = s[:rank].sqrt()
     a = root[:, None] * vh[:rank]
@@ -103,14 +117,18 @@ def _weighted_residual(
     gram: torch.Tensor,
     cross: torch.Tensor | None,
     damping: float,
+    given: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """``(L, (T − M) L)`` with ``C_λ = L Lᵀ``: the damped objective as a Frobenius one.
+
+    ``cross`` is ``X_t Xᵀ`` (the targets are ``W X_t``), or with ``given`` the
+    ``(out, in)`` product ``Y Xᵀ`` itself.
 
     ``(None, W − M)`` when ``C`` is zero: then the Frobenius fit is as good as any.
     """
     in_f = w.shape[1]
     check_gram(gram, in_f)
-    if cross is not None:
+    if cross is not None and not given:
         if tuple(cross.shape) != (in_f, in_f):
             raise ValueError(f"cross has shape {tuple(cross.shape)}; it must be ({in_f}, {in_f})")
         if not bool(torch.isfinite(cross).all()):
@@ -131,5 +149,5 @@ def _weighted_residual(
                          "(or a Gram matrix X Xᵀ of real inputs)")
     if cross is None:
         return chol, (w - m) @ chol  # T = W
-    k = w @ cross.double() + lam * w  # K; T L = K L⁻ᵀ = (L⁻¹ Kᵀ)ᵀ
+    k = (cross.double() if given else w @ cross.double()) + lam * w  # K; T L = K L⁻ᵀ
     return chol, torch.linalg.solve_triangular(chol, k.T, upper=False).T - m @ chol
