@@ -342,6 +342,24 @@ def test_residual_layers_fit_the_dense_residual_sum(lowrank):
     assert _out_error(dense, on.model, batches) < _out_error(dense, off.model, batches)
 
 
+def test_one_pass_statistics_are_each_layers_own_inputs():
+    """Freed activations' memory is reused within a pass; no layer may get another's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(32, 32), nn.Tanh())])
+    layers = {str(i): model[i] for i in range(0, 8, 2)}
+    batches = _batches(3)
+    stats = collect_input_stats(model, layers, batches)
+    for name, layer in layers.items():
+        xs = []
+        hook = layer.register_forward_pre_hook(lambda m, a: xs.append(a[0].double()))
+        with torch.no_grad():
+            for b in batches:
+                model(b)
+        hook.remove()
+        x = torch.cat(xs)
+        torch.testing.assert_close(stats[name].gram, x.T @ x)
+
+
 def test_input_stats_centering_matches_the_definition():
     x = torch.randn(50, 6, dtype=torch.float64) + 2
     s = InputStats.zeros(6)

@@ -228,7 +228,10 @@ def _capture(
     handed (its second positional argument), the same way; it is the second dict.
     """
     mask = _token_mask(batch)
-    memo: dict[tuple, torch.Tensor] = {}
+    # Keyed by storage address; each entry also holds the tensor itself, so its
+    # memory cannot be freed and reused by a later tensor of the same shape
+    # during the pass (which would hand that tensor a stale copy).
+    memo: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
     seen: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
     added: dict[str, list[torch.Tensor]] = {name: [] for name in residuals or {}}
 
@@ -239,8 +242,8 @@ def _capture(
                 flat = x[mask]
             else:
                 flat = x.reshape(-1, x.shape[-1])
-            memo[key] = flat.detach().to(torch.float64)
-        return memo[key]
+            memo[key] = (x, flat.detach().to(torch.float64))
+        return memo[key][1]
 
     def hook(name: str):
         def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
