@@ -14,6 +14,7 @@ from torch import nn
 from monarch_matrices.convert import ConversionError, monarchify
 from monarch_matrices.convert.calibrate import (
     InputStats,
+    _forward_order,
     collect_input_stats,
     residual_parents,
     sample_texts,
@@ -349,9 +350,11 @@ def test_one_pass_statistics_are_each_layers_own_inputs():
     layers = {str(i): model[i] for i in range(0, 8, 2)}
     batches = _batches(3)
     stats = collect_input_stats(model, layers, batches)
+    groups, once = _forward_order(model, layers, batches[0])  # each reads its own tensor
+    assert groups == [["0"], ["2"], ["4"], ["6"]] and once
     for name, layer in layers.items():
-        xs = []
-        hook = layer.register_forward_pre_hook(lambda m, a: xs.append(a[0].double()))
+        xs: list[torch.Tensor] = []
+        hook = layer.register_forward_pre_hook(lambda m, a, xs=xs: xs.append(a[0].double()))
         with torch.no_grad():
             for b in batches:
                 model(b)

@@ -425,10 +425,12 @@ def _forward_order(
     """Groups of layers in the order they first run (a group reads one tensor), and
     whether every layer runs exactly once per forward (so passes may stop early)."""
     calls: list[tuple[str, tuple]] = []
+    held: list[torch.Tensor] = []  # no input's memory may be reused by a later one
 
     def hook(name: str):
         def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0]
+            held.append(x)
             calls.append((name, (x.data_ptr(), tuple(x.shape), tuple(x.stride()))))
 
         return pre_hook
