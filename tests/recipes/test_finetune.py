@@ -54,7 +54,9 @@ def reviews(tmp_path):
                                      ["--init", "calibrated", "--calibrate", "40",
                                       "--lowrank", "4"],
                                      ["--init", "calibrated", "--calibrate", "40",
-                                      "--lowrank", "0"]])
+                                      "--lowrank", "0"],
+                                     ["--init", "calibrated", "--calibrate", "40",
+                                      "--lowrank", "0", "--fit-residual-sums"]])
 def test_each_variant_trains_and_reports(tmp_path, tiny_model, reviews, variant):
     m = train("finetune", tmp_path / "run", "--model", str(tiny_model), "--data", str(reviews),
               "--text-column", "review", "--label-column", "mood", "--labels", "neg,pos",
@@ -80,6 +82,7 @@ def test_each_variant_trains_and_reports(tmp_path, tiny_model, reviews, variant)
         assert conv["calibration_texts"] == (40 if variant[1] == "calibrated" else None)
         assert conv["seconds"] > 0
         assert conv["lowrank"] == (lowrank or None)  # DEFAULT_LOWRANK unless given
+        assert conv["residual_sums"] is ("--fit-residual-sums" in variant)
 
 
 @pytest.mark.parametrize("init", ["project", "calibrated"])
