@@ -261,7 +261,7 @@ def _residual_sum_error(dense: nn.Module, model: nn.Module, name: str, batches) 
 
 
 def test_residual_layers_are_found_by_how_their_parent_calls_them():
-    from tests.convert.models import FAMILIES
+    from tests.convert.models import FAMILIES, transformers
 
     model = _PostLN()
     layers = {n: model.get_submodule(n) for n in ("up1", "out1.dense", "up2", "out2.dense")}
@@ -275,6 +275,15 @@ def test_residual_layers_are_found_by_how_their_parent_calls_them():
                              FAMILIES["bert"].inputs(2))
     assert sorted(found) == sorted(n for n in names if n.endswith("output.dense"))
     assert len(found) == 4  # attention output and feed-forward output of 2 blocks
+    # Yolos' attention output is handed a residual it ignores (the add is one level
+    # up, on other tensors); its feed-forward output really adds it
+    yolos = transformers.YolosModel(transformers.YolosConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        image_size=[16, 16], patch_size=8, num_detection_tokens=2)).eval()
+    names = [n for n, m in yolos.named_modules() if isinstance(m, nn.Linear) and "encoder" in n]
+    found = residual_parents(yolos, {n: yolos.get_submodule(n) for n in names},
+                             {"pixel_values": torch.randn(2, 3, 16, 16)})
+    assert sorted(found) == ["encoder.layer.0.output.dense"]
     llama = FAMILIES["llama"].build()
     names = [n for n, m in llama.named_modules() if isinstance(m, nn.Linear)]
     assert residual_parents(llama, {n: llama.get_submodule(n) for n in names},
@@ -301,7 +310,18 @@ class _Twice(nn.Module):
         return self.dense(self.dense(x)) + residual
 
 
-@pytest.mark.parametrize("parent", [_TwoReaders, _Twice])
+class _IgnoresResidual(nn.Module):
+    """ViT-style ``SelfOutput(x, input_tensor)``: handed a residual it does not use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dense = nn.Linear(32, 32)
+
+    def forward(self, x: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        return self.dense(x)
+
+
+@pytest.mark.parametrize("parent", [_TwoReaders, _Twice, _IgnoresResidual])
 def test_parents_that_are_not_residual_adds_are_not_taken_for_one(parent):
     class Model(nn.Module):
         def __init__(self) -> None:
@@ -343,15 +363,18 @@ def test_residual_layers_fit_the_dense_residual_sum(lowrank):
     assert _out_error(dense, on.model, batches) < _out_error(dense, off.model, batches)
 
 
-def test_one_pass_statistics_are_each_layers_own_inputs():
+@pytest.mark.parametrize("activation", [True, False])
+def test_one_pass_statistics_are_each_layers_own_inputs(activation):
     """Freed activations' memory is reused within a pass; no layer may get another's."""
     torch.manual_seed(0)
-    model = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(32, 32), nn.Tanh())])
-    layers = {str(i): model[i] for i in range(0, 8, 2)}
+    blocks = [(nn.Linear(32, 32), nn.Tanh()) if activation else (nn.Linear(32, 32),)
+              for _ in range(6)]
+    model = nn.Sequential(*[m for block in blocks for m in block])
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     batches = _batches(3)
     stats = collect_input_stats(model, layers, batches)
     groups, once = _forward_order(model, layers, batches[0])  # each reads its own tensor
-    assert groups == [["0"], ["2"], ["4"], ["6"]] and once
+    assert groups == [[n] for n in layers] and once
     for name, layer in layers.items():
         xs: list[torch.Tensor] = []
         hook = layer.register_forward_pre_hook(lambda m, a, xs=xs: xs.append(a[0].double()))
@@ -363,6 +386,32 @@ def test_one_pass_statistics_are_each_layers_own_inputs():
         torch.testing.assert_close(stats[name].gram, x.T @ x)
 
 
+class _InPlace(nn.Module):
+    """Two layers reading one buffer, changed in place between them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(32, 32), nn.Linear(32, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.clone()
+        out = self.a(h)
+        h.mul_(-2.0).add_(1.0)
+        return out + self.b(h)
+
+
+def test_an_input_changed_in_place_is_another_input():
+    model = _InPlace()
+    layers = {"a": model.a, "b": model.b}
+    batches = _batches(2)
+    groups, _ = _forward_order(model, layers, batches[0])
+    assert groups == [["a"], ["b"]]
+    stats = collect_input_stats(model, layers, batches)
+    x = torch.cat(batches).double()
+    for name, seen in (("a", x), ("b", -2 * x + 1)):
+        torch.testing.assert_close(stats[name].gram, seen.T @ seen)
+
+
 def test_input_stats_centering_matches_the_definition():
     x = torch.randn(50, 6, dtype=torch.float64) + 2
     s = InputStats.zeros(6)
@@ -371,6 +420,15 @@ def test_input_stats_centering_matches_the_definition():
     xc = x - x.mean(0)
     assert torch.allclose(s.centered_gram(), xc.T @ xc)
     assert s.count == 50 and torch.allclose(s.mean, x.mean(0))
+    # targets given as outputs: Σ y xᵀ and ‖Y‖² about the means too
+    y = torch.randn(50, 4, dtype=torch.float64) - 1
+    s.add_outputs(y[:20], x[:20], y[:20])
+    s.add_outputs(y[20:], x[20:], y[20:])
+    c = s.centered()
+    yc = y - y.mean(0)
+    assert torch.allclose(c.out_cross, yc.T @ xc)
+    assert torch.allclose(c.out_sq, (yc * yc).sum()) and torch.equal(c.dense_sq, s.dense_sq)
+    assert not c.out_total.any()
 
 
 def test_constant_features_centre_to_exact_zeros():

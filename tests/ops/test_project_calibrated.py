@@ -126,27 +126,29 @@ def test_targets_from_other_inputs_correct_the_drift():
     assert res.relative_error <= res.projection_relative_error
 
 
-def test_targets_given_directly_match_the_definition_and_the_other_inputs_form():
-    W, X = _data(30, 22, 300, seed=8)
+@pytest.mark.parametrize("out_f, in_f", [(30, 21), (21, 30)])  # padded unequally
+def test_targets_given_directly_match_the_definition_and_the_other_inputs_form(out_f, in_f):
+    W, X = _data(out_f, in_f, 300, seed=8)
     gen = torch.Generator().manual_seed(9)
     X_t = X + 0.3 * torch.randn(X.shape, generator=gen, dtype=F64)
     # Y = W X_t written both ways gives the same fit
     via_inputs = project_calibrated(W, X @ X.T, 4, cross=X_t @ X.T, target_gram=X_t @ X_t.T)
     Y = W @ X_t
     direct = project_calibrated(W, X @ X.T, 4, target_cross=Y @ X.T, target_sq=(Y * Y).sum())
-    torch.testing.assert_close(_dense(direct, 30, 22), _dense(via_inputs, 30, 22),
+    torch.testing.assert_close(_dense(direct, out_f, in_f), _dense(via_inputs, out_f, in_f),
                                rtol=1e-7, atol=1e-9)
     # any Y (a residual stream's drift added): error is ‖Y − M X‖, never worse than W's projection
-    Y = Y + 0.5 * torch.randn(Y.shape, generator=gen, dtype=F64)
+    drift = 0.3 * torch.randn(out_f, in_f, generator=gen, dtype=F64)  # predictable from X
+    Y = Y + drift @ X + 0.5 * torch.randn(Y.shape, generator=gen, dtype=F64)
     res = project_calibrated(W, X @ X.T, 4, target_cross=Y @ X.T, target_sq=(Y * Y).sum())
-    M = _dense(res, 30, 22)
+    M = _dense(res, out_f, in_f)
     assert torch.isclose(res.error, (Y - M @ X).norm(), rtol=1e-9)
     assert torch.isclose(res.relative_error, res.error / Y.norm(), rtol=1e-12)
-    P = _dense(project(W, 4), 30, 22)
+    P = _dense(project(W, 4), out_f, in_f)
     assert torch.isclose(res.projection_error, (Y - P @ X).norm(), rtol=1e-9)
     assert res.error < res.projection_error
     # the fit follows Y, not W: plain calibration is worse on this objective
-    plain = _dense(project_calibrated(W, X @ X.T, 4), 30, 22)
+    plain = _dense(project_calibrated(W, X @ X.T, 4), out_f, in_f)
     assert res.error < (Y - plain @ X).norm()
 
 

@@ -228,15 +228,16 @@ def _capture(
     handed (its second positional argument), the same way; it is the second dict.
     """
     mask = _token_mask(batch)
-    # Keyed by storage address; each entry also holds the tensor itself, so its
-    # memory cannot be freed and reused by a later tensor of the same shape
-    # during the pass (which would hand that tensor a stale copy).
+    # Keyed by storage address and version (an in-place change makes it another
+    # input); each entry also holds the tensor itself, so its memory cannot be
+    # freed and reused by a later tensor of the same shape during the pass
+    # (which would hand that tensor a stale copy).
     memo: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
     seen: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
     added: dict[str, list[torch.Tensor]] = {name: [] for name in residuals or {}}
 
     def rows(x: torch.Tensor) -> torch.Tensor:
-        key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
+        key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x._version)
         if key not in memo:
             if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
                 flat = x[mask]
@@ -283,12 +284,19 @@ def residual_parents(
     """The layers whose output is added to a residual stream their parent is handed.
 
     That is the BERT family's output modules, ``parent(x, residual)`` computing
-    ``LayerNorm(dense(x) + residual)``: a layer qualifies when, on ``batch``, every
-    call of its parent passes a second positional tensor shaped like the layer's
-    output and then calls the layer, once, on its first argument, and the layer is
-    the parent's only dense child (not an attention module's q/k/v).  Returns
-    ``{layer name: parent}``; pre-LN models (Llama), whose residual adds are not
-    module calls, have none.
+    ``LayerNorm(dense(x) + residual)``.  A layer qualifies when, on ``batch``:
+
+    - it is its parent's only dense child (not an attention module's q/k/v);
+    - every call of the parent passes a second positional tensor shaped like the
+      layer's output and then calls the layer, once, on its first argument;
+    - the parent's output depends on the two only through their sum: moving a
+      random ``δ`` from the residual to the layer's output leaves it unchanged
+      (ViT-style ``SelfOutput(x, input_tensor)`` modules that ignore
+      ``input_tensor`` fail this).
+
+    Returns ``{layer name: parent}``; pre-LN models (Llama), whose residual adds
+    are not module calls, have none.  The model should be in eval mode (dropout
+    makes the last check fail, which only means no layer qualifies).
     """
     parents = {}
     for name in layers:
@@ -299,32 +307,33 @@ def residual_parents(
                 parents[name] = parent
     if not parents:
         return {}
-    pending: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
+    pending: dict[str, tuple[tuple[Any, ...], dict[str, Any]] | None] = {}
     verdicts: dict[str, list[bool]] = {n: [] for n in parents}  # one per call
+    first_call: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
 
     def parent_hook(name: str):
-        def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            pair = args[:2] if len(args) >= 2 else ()
-            ok = len(pair) == 2 and all(isinstance(a, torch.Tensor) for a in pair)
-            pending[name] = pair if ok else None
+        def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            ok = len(args) >= 2 and all(isinstance(a, torch.Tensor) for a in args[:2])
+            pending[name] = (args, kwargs) if ok else None
             verdicts[name].append(False)  # until the layer's own call confirms it
 
         return pre_hook
 
     def layer_hook(name: str):
         def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            pair, x = pending.pop(name, None), args[0]
-            if pair is None:  # called without a fresh parent call (or a second time)
+            call, x = pending.pop(name, None), args[0]
+            if call is None:  # called without a fresh parent call (or a second time)
                 verdicts[name].append(False)
                 return
-            first, residual = pair
+            first, residual = call[0][:2]
             out_features = dense_features(module)[1]
             verdicts[name][-1] = (first.data_ptr() == x.data_ptr() and first.shape == x.shape
                                   and tuple(residual.shape) == (*x.shape[:-1], out_features))
+            first_call.setdefault(name, call)
 
         return pre_hook
 
-    handles = [parent.register_forward_pre_hook(parent_hook(name))
+    handles = [parent.register_forward_pre_hook(parent_hook(name), with_kwargs=True)
                for name, parent in parents.items()]
     handles += [layers[name].register_forward_pre_hook(layer_hook(name)) for name in parents]
     try:
@@ -332,7 +341,36 @@ def residual_parents(
     finally:
         for h in handles:
             h.remove()
-    return {name: parents[name] for name, v in verdicts.items() if v and all(v)}
+    return {name: parents[name] for name, v in verdicts.items()
+            if v and all(v) and _adds_to_residual(parents[name], layers[name], *first_call[name])}
+
+
+def _adds_to_residual(
+    parent: nn.Module, layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> bool:
+    """Whether ``parent(*args)`` reads ``layer``'s output and ``args[1]`` only through
+    their sum: moving a random ``δ`` from one to the other must not change its output."""
+
+    def first_tensor(out: Any) -> torch.Tensor | None:
+        if isinstance(out, (tuple, list)) and out:
+            out = out[0]
+        return out if isinstance(out, torch.Tensor) else None
+
+    residual = args[1]
+    gen = torch.Generator(device=residual.device).manual_seed(0)
+    scale = float(residual.float().std()) if residual.numel() > 1 else 1.0
+    delta = torch.randn(residual.shape, generator=gen, device=residual.device,
+                        dtype=residual.dtype) * max(scale, 1e-3)
+    base = first_tensor(parent(*args, **kwargs))
+    hook = layer.register_forward_hook(lambda module, a, out: out + delta)
+    try:
+        moved = first_tensor(parent(args[0], residual - delta, *args[2:], **kwargs))
+    finally:
+        hook.remove()
+    if base is None or moved is None or base.shape != moved.shape:
+        return False
+    size = float(base.abs().max()) if base.numel() else 0.0
+    return bool(((base - moved).abs().max() <= 1e-2 * max(size, 1e-12)).item())
 
 
 def collect_input_stats(
@@ -431,7 +469,7 @@ def _forward_order(
         def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0]
             held.append(x)
-            calls.append((name, (x.data_ptr(), tuple(x.shape), tuple(x.stride()))))
+            calls.append((name, (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x._version)))
 
         return pre_hook
 

@@ -54,7 +54,9 @@ class CalibratedProjection(NamedTuple):
     """Result of :func:`project_calibrated`.
 
     Errors are on the calibration objective ``‖(W − M) X‖_F = √tr(E C Eᵀ)``
-    (undamped, 0-d float64 tensors); the relative ones divide by ``‖W X‖_F``.
+    (undamped, 0-d float64 tensors; ``‖W X_t − M X‖`` or ``‖Y − M X‖`` when the
+    targets are given); the relative ones divide by ``‖W X‖_F`` (``‖W X_t‖``,
+    ``‖Y‖``).
     ``projection_*`` are the same for the Frobenius projection the solver
     starts from, so ``relative_error <= projection_relative_error`` always.
     ``history`` is the damped objective ``f_λ / tr(W C_λ Wᵀ)`` at the start and
