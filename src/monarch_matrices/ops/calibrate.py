@@ -104,6 +104,18 @@ def check_gram(gram: torch.Tensor, in_features: int, name: str = "gram") -> None
                          "semi-definite; a Gram matrix X Xᵀ always is")
 
 
+def check_target_cross(target_cross: torch.Tensor, out_features: int, in_features: int) -> None:
+    """Raise a clear error unless ``target_cross`` could be ``Y Xᵀ`` for an (out, in) layer."""
+    if not isinstance(target_cross, torch.Tensor) or (
+            tuple(target_cross.shape) != (out_features, in_features)):
+        shape = (tuple(target_cross.shape) if isinstance(target_cross, torch.Tensor)
+                 else type(target_cross).__name__)
+        raise ValueError(f"target_cross has shape {shape}; it must be "
+                         f"({out_features}, {in_features}) = Y Xᵀ")
+    if not bool(torch.isfinite(target_cross).all()):
+        raise ValueError("target_cross has NaN/inf entries (did an activation overflow?)")
+
+
 def calibration_error(
     weight: torch.Tensor,
     dense: torch.Tensor,
@@ -376,16 +388,11 @@ def project_calibrated(
         if cross is not None:
             raise ValueError("give either cross/target_gram (targets W X_t) or "
                              "target_cross/target_sq (targets Y), not both")
-        if not isinstance(target_cross, torch.Tensor) or tuple(target_cross.shape) != (out_f, in_f):
-            shape = (tuple(target_cross.shape) if isinstance(target_cross, torch.Tensor)
-                     else type(target_cross).__name__)
-            raise ValueError(f"target_cross has shape {shape}; it must be "
-                             f"({out_f}, {in_f}) = Y Xᵀ")
+        check_target_cross(target_cross, out_f, in_f)
         target_cross = target_cross.to(device=weight.device, dtype=torch.float64)
         target_sq = float(target_sq)
-        if not (bool(torch.isfinite(target_cross).all()) and 0 <= target_sq < float("inf")):
-            raise ValueError("target_cross has NaN/inf entries or target_sq is not a finite "
-                             "number >= 0 (did an activation overflow?)")
+        if not 0 <= target_sq < float("inf"):
+            raise ValueError(f"target_sq={target_sq!r} must be a finite number >= 0 = ‖Y‖²")
     for name, value in (("steps", steps), ("cg_steps", cg_steps)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name}={value!r} must be an int >= 0")

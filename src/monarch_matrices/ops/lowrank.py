@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import torch
 
-from .calibrate import check_gram
+from .calibrate import check_gram, check_target_cross
 
 __all__ = ["LowRankFit", "fit_lowrank"]
 
@@ -91,17 +91,19 @@ def fit_lowrank(
             raise ValueError("cross needs gram (so does target_cross)")
         resid = w - m
     else:
+        check_gram(gram, in_f)
         if cross is not None and target_cross is not None:
             raise ValueError("give cross (targets W X_t) or target_cross (targets Y), not both")
-        if target_cross is not None:
-            if tuple(target_cross.shape) != (out_f, in_f):
-                raise ValueError(f"target_cross has shape {tuple(target_cross.shape)}; it must "
-                                 f"be ({out_f}, {in_f}) = Y Xᵀ")
-            if not bool(torch.isfinite(target_cross).all()):
-                raise ValueError("target_cross has NaN/inf entries (did an activation overflow?)")
-            cross = target_cross.double()
-        chol, resid = _weighted_residual(w, m, gram, cross, damping,
-                                         given=target_cross is not None)
+        if cross is not None:
+            if tuple(cross.shape) != (in_f, in_f):
+                raise ValueError(f"cross has shape {tuple(cross.shape)}; it must be "
+                                 f"({in_f}, {in_f})")
+            if not bool(torch.isfinite(cross).all()):
+                raise ValueError("cross has NaN/inf entries (did an activation overflow?)")
+            target_cross = w @ cross.double()  # Y = W X_t
+        elif target_cross is not None:
+            check_target_cross(target_cross, out_f, in_f)
+        chol, resid = _weighted_residual(w, m, gram, target_cross, damping)
     u, s, vh = torch.linalg.svd(resid, full_matrices=False)
     root = s[:rank].sqrt()
     a = root[:, None] * vh[:rank]
@@ -115,24 +117,15 @@ def _weighted_residual(
     w: torch.Tensor,
     m: torch.Tensor,
     gram: torch.Tensor,
-    cross: torch.Tensor | None,
+    target_cross: torch.Tensor | None,
     damping: float,
-    given: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """``(L, (T − M) L)`` with ``C_λ = L Lᵀ``: the damped objective as a Frobenius one.
 
-    ``cross`` is ``X_t Xᵀ`` (the targets are ``W X_t``), or with ``given`` the
-    ``(out, in)`` product ``Y Xᵀ`` itself.
-
+    ``target_cross`` is ``Y Xᵀ`` for targets ``Y``; ``None`` means ``Y = W X``.
     ``(None, W − M)`` when ``C`` is zero: then the Frobenius fit is as good as any.
     """
     in_f = w.shape[1]
-    check_gram(gram, in_f)
-    if cross is not None and not given:
-        if tuple(cross.shape) != (in_f, in_f):
-            raise ValueError(f"cross has shape {tuple(cross.shape)}; it must be ({in_f}, {in_f})")
-        if not bool(torch.isfinite(cross).all()):
-            raise ValueError("cross has NaN/inf entries (did an activation overflow?)")
     if not damping >= 0:
         raise ValueError(f"damping={damping!r} must be >= 0")
     c = gram.double()
@@ -147,7 +140,7 @@ def _weighted_residual(
     if int(info) > 0:
         raise ValueError("gram is not positive definite after damping; give damping > 0 "
                          "(or a Gram matrix X Xᵀ of real inputs)")
-    if cross is None:
+    if target_cross is None:
         return chol, (w - m) @ chol  # T = W
-    k = (cross.double() if given else w @ cross.double()) + lam * w  # K; T L = K L⁻ᵀ
+    k = target_cross.double() + lam * w  # K; T L = K L⁻ᵀ = (L⁻¹ Kᵀ)ᵀ
     return chol, torch.linalg.solve_triangular(chol, k.T, upper=False).T - m @ chol
