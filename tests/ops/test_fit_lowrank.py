@@ -84,6 +84,10 @@ def test_calibrated_fit_with_targets_given_directly():
         fit_lowrank(W, M, 3, C, cross=C, target_cross=W @ C)
     with pytest.raises(ValueError, match=r"target_cross has shape"):
         fit_lowrank(W, M, 3, C, target_cross=C)
+    with pytest.raises(ValueError, match=r"^cross has shape .*X_t Xᵀ"):
+        fit_lowrank(W, M, 3, C, cross=W @ C)
+    with pytest.raises(ValueError, match=r"^cross has NaN/inf"):
+        fit_lowrank(W, M, 3, C, cross=C * float("nan"))
 
 
 def test_singular_gram_needs_damping_and_full_rank_recovers_exactly():

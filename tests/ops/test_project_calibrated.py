@@ -209,3 +209,9 @@ def test_bad_arguments():
         project_calibrated(W, C, 4, target_cross=W[:, 1:], target_sq=1.0)
     with pytest.raises(ValueError, match="finite"):
         project_calibrated(W, C, 4, target_cross=W @ C, target_sq=float("nan"))
+    with pytest.raises(ValueError, match=r"cross has shape \(16, 15\).*X_t Xᵀ"):
+        project_calibrated(W, C, 4, cross=C[:, 1:], target_gram=C)
+    with pytest.raises(ValueError, match="target_cross has NaN/inf"):
+        project_calibrated(W, C, 4, target_cross=(W @ C) * float("nan"), target_sq=1.0)
+    with pytest.raises(ValueError, match=r"^cross has NaN/inf"):
+        project_calibrated(W, C, 4, cross=C * float("inf"), target_gram=C)

@@ -27,6 +27,7 @@ __all__ = [
     "Latency",
     "example_inputs",
     "measure_latency",
+    "neighbour_similarities",
     "output_error",
     "sentence_embeddings",
     "sentence_fidelity",
@@ -258,6 +259,13 @@ class Fidelity:
         return asdict(self)
 
 
+def neighbour_similarities(embeddings: torch.Tensor) -> torch.Tensor:
+    """Cosines between the unit rows of ``embeddings``, each row's own entry set
+    to -2 (below any cosine), so that a sentence is never its own neighbour."""
+    eye = torch.eye(len(embeddings), dtype=torch.bool, device=embeddings.device)
+    return (embeddings @ embeddings.T).masked_fill(eye, -2.0)
+
+
 def sentence_fidelity(
     dense: nn.Module, monarch: nn.Module, tokenizer: Any, sentences: Sequence[str] = SENTENCES
 ) -> Fidelity:
@@ -267,9 +275,7 @@ def sentence_fidelity(
     a = torch.nn.functional.normalize(sentence_embeddings(dense, tokenizer, sentences), dim=-1)
     b = torch.nn.functional.normalize(sentence_embeddings(monarch, tokenizer, sentences), dim=-1)
     cosine = (a * b).sum(-1)
-    eye = torch.eye(len(sentences), dtype=torch.bool)
-    sim_a = (a @ a.T).masked_fill(eye, -2.0)
-    sim_b = (b @ b.T).masked_fill(eye, -2.0)
+    sim_a, sim_b = neighbour_similarities(a), neighbour_similarities(b)
     agree = (sim_a.argmax(1) == sim_b.argmax(1)).double().mean()
     top_a, top_b = sim_a.topk(3, dim=1).indices, sim_b.topk(3, dim=1).indices
     overlap = (top_a[:, :, None] == top_b[:, None, :]).any(-1).double().mean()

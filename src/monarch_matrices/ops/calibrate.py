@@ -104,16 +104,16 @@ def check_gram(gram: torch.Tensor, in_features: int, name: str = "gram") -> None
                          "semi-definite; a Gram matrix X Xᵀ always is")
 
 
-def check_target_cross(target_cross: torch.Tensor, out_features: int, in_features: int) -> None:
-    """Raise a clear error unless ``target_cross`` could be ``Y Xᵀ`` for an (out, in) layer."""
-    if not isinstance(target_cross, torch.Tensor) or (
-            tuple(target_cross.shape) != (out_features, in_features)):
-        shape = (tuple(target_cross.shape) if isinstance(target_cross, torch.Tensor)
-                 else type(target_cross).__name__)
-        raise ValueError(f"target_cross has shape {shape}; it must be "
-                         f"({out_features}, {in_features}) = Y Xᵀ")
-    if not bool(torch.isfinite(target_cross).all()):
-        raise ValueError("target_cross has NaN/inf entries (did an activation overflow?)")
+def check_cross(
+    cross: torch.Tensor, rows: int, cols: int, name: str = "target_cross", meaning: str = "Y Xᵀ"
+) -> None:
+    """Raise a clear error unless ``cross`` is a finite ``(rows, cols)`` tensor: a
+    product of targets and inputs, ``Y Xᵀ`` (``target_cross``) or ``X_t Xᵀ`` (``cross``)."""
+    if not isinstance(cross, torch.Tensor) or tuple(cross.shape) != (rows, cols):
+        shape = tuple(cross.shape) if isinstance(cross, torch.Tensor) else type(cross).__name__
+        raise ValueError(f"{name} has shape {shape}; it must be ({rows}, {cols}) = {meaning}")
+    if not bool(torch.isfinite(cross).all()):
+        raise ValueError(f"{name} has NaN/inf entries (did an activation overflow?)")
 
 
 def calibration_error(
@@ -375,11 +375,7 @@ def project_calibrated(
         raise ValueError("give cross and target_gram together (or neither)")
     if cross is not None:
         check_gram(target_gram, in_f, "target_gram")
-        if not isinstance(cross, torch.Tensor) or tuple(cross.shape) != (in_f, in_f):
-            shape = tuple(cross.shape) if isinstance(cross, torch.Tensor) else type(cross).__name__
-            raise ValueError(f"cross has shape {shape}; it must be ({in_f}, {in_f}) = X_t Xᵀ")
-        if not bool(torch.isfinite(cross).all()):
-            raise ValueError("cross has NaN/inf entries")
+        check_cross(cross, in_f, in_f, "cross", "X_t Xᵀ")
         cross = cross.to(device=weight.device, dtype=torch.float64)
         target_gram = target_gram.to(device=weight.device, dtype=torch.float64)
     if (target_cross is None) != (target_sq is None):
@@ -388,7 +384,7 @@ def project_calibrated(
         if cross is not None:
             raise ValueError("give either cross/target_gram (targets W X_t) or "
                              "target_cross/target_sq (targets Y), not both")
-        check_target_cross(target_cross, out_f, in_f)
+        check_cross(target_cross, out_f, in_f)
         target_cross = target_cross.to(device=weight.device, dtype=torch.float64)
         target_sq = float(target_sq)
         if not 0 <= target_sq < float("inf"):

@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import torch
 
-from .calibrate import check_gram, check_target_cross
+from .calibrate import check_cross, check_gram
 
 __all__ = ["LowRankFit", "fit_lowrank"]
 
@@ -95,14 +95,10 @@ def fit_lowrank(
         if cross is not None and target_cross is not None:
             raise ValueError("give cross (targets W X_t) or target_cross (targets Y), not both")
         if cross is not None:
-            if tuple(cross.shape) != (in_f, in_f):
-                raise ValueError(f"cross has shape {tuple(cross.shape)}; it must be "
-                                 f"({in_f}, {in_f})")
-            if not bool(torch.isfinite(cross).all()):
-                raise ValueError("cross has NaN/inf entries (did an activation overflow?)")
+            check_cross(cross, in_f, in_f, "cross", "X_t Xᵀ")
             target_cross = w @ cross.double()  # Y = W X_t
         elif target_cross is not None:
-            check_target_cross(target_cross, out_f, in_f)
+            check_cross(target_cross, out_f, in_f)
         chol, resid = _weighted_residual(w, m, gram, target_cross, damping)
     u, s, vh = torch.linalg.svd(resid, full_matrices=False)
     root = s[:rank].sqrt()

@@ -248,7 +248,7 @@ def build_model(args: argparse.Namespace, num_labels: int,
                 calibration = text_batches(tokenizer, list(calibration_texts),
                                            max_length=args.max_length)
             # Residual sums off by default: that start keeps more of the function
-            # but fine-tuned to 0.5 points less accuracy on 3 of 3 seeds (results.md).
+            # but fine-tuned to 0.5-1.1 points less accuracy on 3 of 3 seeds (results.md).
             report = monarchify(encoder, args.nblocks, targets=targets, init=init,
                                 lowrank=args.lowrank, calibration=calibration, progress=progress,
                                 match_residual=args.fit_residual_sums)
