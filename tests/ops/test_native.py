@@ -268,25 +268,19 @@ def _thp_mode() -> str:
     return text.split("[", 1)[1].split("]", 1)[0]
 
 
-def _vm_flags_over(lo: int, hi: int) -> list[set[str]]:
-    """VmFlags of each mapping that overlaps the bytes ``[lo, hi)`` (from /proc/self/smaps)."""
-    flags, inside = [], False
+def _advised(t: torch.Tensor) -> list[bool]:
+    """For each mapping over ``t``'s whole 2 MiB pages, whether it carries the
+    ``hg`` VmFlag (madvise(MADV_HUGEPAGE) given), from /proc/self/smaps."""
+    lo, hi = memory.huge_page_span(t)
+    advised, inside = [], False
     for line in Path("/proc/self/smaps").read_text().splitlines():
         head = line.split(" ", 1)[0]
         if "-" in head and all(c in "0123456789abcdef-" for c in head):
             start, end = (int(v, 16) for v in head.split("-"))
             inside = start < hi and end > lo
         elif inside and line.startswith("VmFlags:"):
-            flags.append(set(line.split()[1:]))
-    return flags
-
-
-def _huge_page_span(t: torch.Tensor) -> tuple[int, int]:
-    """The whole 2 MiB pages inside ``t``'s storage: what advise_huge_pages advises."""
-    start = t.untyped_storage().data_ptr()
-    end = start + t.untyped_storage().nbytes()
-    page = memory.HUGE_PAGE
-    return -(-start // page) * page, end // page * page
+            advised.append("hg" in line.split()[1:])
+    return advised
 
 
 def test_biases_of_any_layout_and_fake_tensors_work():
@@ -323,17 +317,15 @@ def huge_pages_on(monkeypatch):
 def test_large_buffers_get_huge_pages_when_asked(huge_pages_on):
     assert memory.huge_pages_enabled()
     t = memory.empty_huge(torch.ones(1), 16 * 2**20)  # 64 MiB of float32
-    lo, hi = _huge_page_span(t)
+    lo, hi = memory.huge_page_span(t)
     assert hi - lo >= 30 * memory.HUGE_PAGE
     # the advice is what we control: the kernel marks the advised range "hg"
     # (VM_HUGEPAGE).  Whether 2 MiB pages then back it is the kernel's choice:
     # with none free it falls back to small pages (CI, stop 26), so the
     # AnonHugePages count is not asserted.
-    flags = _vm_flags_over(lo, hi)
-    assert flags and all("hg" in f for f in flags), flags
-    plain = torch.empty(16 * 2**20)
-    plain_lo, plain_hi = _huge_page_span(plain)
-    assert not any("hg" in f for f in _vm_flags_over(plain_lo, plain_hi))
+    advised = _advised(t)
+    assert advised and all(advised), advised
+    assert not any(_advised(torch.empty(16 * 2**20)))
     t.fill_(1.0)
     assert float(t.sum()) == 16 * 2**20
 
@@ -349,8 +341,7 @@ def test_huge_pages_are_opt_in(monkeypatch, value):
         assert not memory.huge_pages_enabled()  # so advise_huge_pages never calls madvise
         t = memory.empty_huge(torch.ones(1), 16 * 2**20)
         assert t.shape == (16 * 2**20,)
-        lo, hi = _huge_page_span(t)
-        assert not any("hg" in f for f in _vm_flags_over(lo, hi))  # never advised
+        assert not any(_advised(t))  # never advised
     finally:
         monkeypatch.undo()
         memory._madvise.cache_clear()

@@ -161,12 +161,18 @@ def advise_huge_pages(t: torch.Tensor) -> torch.Tensor:
     # already: advice would outlive the tensor and buy nothing
     madvise = _madvise() if nbytes >= MIN_BYTES and not _retained else None
     if madvise is not None:
-        start = t.untyped_storage().data_ptr()
-        lo = -(-start // HUGE_PAGE) * HUGE_PAGE
-        hi = (start + nbytes) // HUGE_PAGE * HUGE_PAGE
+        lo, hi = huge_page_span(t)
         if hi > lo:
             madvise(lo, hi - lo, MADV_HUGEPAGE)  # a hint: failure changes nothing
     return t
+
+
+def huge_page_span(t: torch.Tensor) -> tuple[int, int]:
+    """The addresses ``[lo, hi)`` of the whole 2 MiB pages inside ``t``'s storage:
+    the range :func:`advise_huge_pages` advises (empty when ``hi <= lo``)."""
+    start = t.untyped_storage().data_ptr()
+    end = start + t.untyped_storage().nbytes()
+    return -(-start // HUGE_PAGE) * HUGE_PAGE, end // HUGE_PAGE * HUGE_PAGE
 
 
 def empty_huge(like: torch.Tensor, *shape: int) -> torch.Tensor:
